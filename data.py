@@ -1,0 +1,333 @@
+"""Tokenizer and tasks with verifiable rewards.
+
+Every task gives three things: a prompt generator, a verifier (reward 1 or 0) and a
+ground-truth sampler that draws *uniformly among all valid answers*. Training the expert on
+that sampler makes the expert multimodal, which is what the paper's story is about: an
+offline (SFT) student must cover every mode of the expert, an online student may pick one.
+
+Tasks
+-----
+mirror (default): the prompt is n random digits and '='; a correct answer reads H digits
+    from either end of the prompt: forward ``31415= -> 31415`` or backward ``31415= -> 51413``.
+    There is no marker saying which, so the expert (2 layers) learns "pick an end, then keep
+    going from it". Keeping going needs the model to look at what it already wrote, find that
+    digit in the prompt and fetch its neighbour: an induction-style composition of two
+    attention layers. A 1-layer student cannot compose, so at each position it can only
+    output a mixture of the forward and the backward digit: it is *misspecified*. It can
+    still represent one mode perfectly (copy forward is a fixed positional lookup), which
+    makes the misspecification *reward-relative*: some high-reward behaviour is in reach.
+countdown (the paper's task): given n numbers and a target, write an expression with
+    + - * / and parentheses that uses every given number exactly once and equals the target.
+    Ground truth is every such expression (minimal parentheses), found by exhaustive search.
+
+The verifiers parse untrusted model text with exact rational arithmetic; nothing the model
+writes ever reaches eval/exec. Any malformed answer scores 0, never an exception.
+"""
+import itertools
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+
+import tiktoken
+import torch
+
+# ----------------------------------------------------------------------------- tokenizer
+ALPHABET = "0123456789+-*/()=,;"
+BOS, END, PAD = "<|bos|>", "<|end|>", "<|pad|>"
+
+
+class Tokenizer:
+    """One token per character, as a tiktoken.Encoding built from ranks defined here
+    (tiktoken's named encodings are downloaded files; this one needs nothing)."""
+
+    def __init__(self, alphabet=ALPHABET):
+        self.alphabet = alphabet
+        ranks = {c.encode(): i for i, c in enumerate(alphabet)}
+        specials = {BOS: len(alphabet), END: len(alphabet) + 1, PAD: len(alphabet) + 2}
+        # pat_str splits text into single characters, so each one is looked up directly.
+        self.enc = tiktoken.Encoding(name="chars", pat_str=r"[\s\S]", mergeable_ranks=ranks,
+                                     special_tokens=specials)
+        self.bos, self.end, self.pad = specials[BOS], specials[END], specials[PAD]
+        self.vocab_size = len(alphabet) + 3
+        self.identity = f"chars:{alphabet}"  # stored in checkpoints, checked on load
+
+    def encode(self, text):
+        for c in text:
+            if c not in self.alphabet:
+                raise ValueError(f"character {c!r} is not in the task alphabet {self.alphabet!r}")
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        """Text of the tokens before the first end token. A stray special token prints as
+        its name (e.g. <|pad|>), so a response containing one fails every verifier."""
+        ids = list(ids)
+        return self.enc.decode(ids[:ids.index(self.end)] if self.end in ids else ids)
+
+
+def decode_responses(tok, responses, mask):
+    """Texts of a sampled response batch [B, R] with its mask of real tokens."""
+    return [tok.decode(r[m].tolist()) for r, m in zip(responses, mask)]
+
+
+def encode_prompts(tok, prompts, device="cpu"):
+    """Left-padded prompt batch: tokens [B, P] and valid [B, P] (False on padding).
+    Left padding makes every prompt end at the same column, so sampling appends in lockstep."""
+    rows = [[tok.bos] + tok.encode(p) for p in prompts]
+    P = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), P), tok.pad, dtype=torch.long)
+    valid = torch.zeros((len(rows), P), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, P - len(r):] = torch.tensor(r)
+        valid[i, P - len(r):] = True
+    return tokens.to(device), valid.to(device)
+
+
+def encode_responses(tok, responses, device="cpu"):
+    """Right-padded response batch ending in the end token: tokens [B, R], mask [B, R]."""
+    rows = [tok.encode(r) + [tok.end] for r in responses]
+    R = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), R), tok.pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), R), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = True
+    return tokens.to(device), mask.to(device)
+
+
+# ----------------------------------------------------------------------------- tasks
+def _randint(lo, hi, g):
+    """Uniform integer in [lo, hi] from a seeded torch.Generator (so runs repeat exactly)."""
+    return lo + int(torch.randint(hi - lo + 1, (1,), generator=g))
+
+
+@dataclass
+class MirrorTask:
+    """Read H digits from either end of an n-digit prompt (see module docstring)."""
+    digits: int = 5
+    answer_len: int = 0  # H; 0 means H = digits
+    name: str = "mirror"
+
+    def __post_init__(self):
+        if self.digits < 2:
+            raise ValueError("mirror needs at least 2 digits")
+        self.answer_len = self.answer_len or self.digits
+        if not 1 <= self.answer_len <= self.digits:
+            raise ValueError(f"mirror answer length must be in 1..{self.digits}")
+
+    @property
+    def max_prompt_len(self):
+        return self.digits + 1
+
+    @property
+    def max_response_len(self):
+        return self.answer_len
+
+    def sample_prompt(self, g):
+        return "".join(str(_randint(0, 9, g)) for _ in range(self.digits)) + "="
+
+    def answers(self, prompt):
+        d = prompt[:-1]
+        return sorted({d[:self.answer_len], d[::-1][:self.answer_len]})
+
+    def reward(self, prompt, response):
+        return float(response in self.answers(prompt))
+
+
+# countdown: expressions are (value, text, precedence) with precedence 1 for +-, 2 for */, 3 atoms
+_PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+
+def _combine(op, left, right):
+    lv, lt, lp = left
+    rv, rt, rp = right
+    p = _PREC[op]
+    if op == "/" and rv == 0:
+        return None
+    v = {"+": lambda: lv + rv, "-": lambda: lv - rv, "*": lambda: lv * rv, "/": lambda: lv / rv}[op]()
+    lt = f"({lt})" if lp < p else lt  # minimal parentheses: only where precedence demands
+    rt = f"({rt})" if rp < p or (rp == p and op in "-/") else rt
+    return v, lt + op + rt, p
+
+
+@lru_cache(maxsize=4096)
+def _ordered_exprs(nums):
+    """All expressions over the numbers in this order (every binary tree, every operator)."""
+    if len(nums) == 1:
+        return [(Fraction(nums[0]), str(nums[0]), 3)]
+    out = []
+    for i in range(1, len(nums)):
+        for left in _ordered_exprs(nums[:i]):
+            for right in _ordered_exprs(nums[i:]):
+                for op in "+-*/":
+                    e = _combine(op, left, right)
+                    if e is not None:
+                        out.append(e)
+    return out
+
+
+@lru_cache(maxsize=4096)
+def countdown_solutions(nums):
+    """{value: sorted distinct expression texts} using every number exactly once."""
+    by_value = {}
+    for perm in set(itertools.permutations(nums)):
+        for v, text, _ in _ordered_exprs(perm):
+            by_value.setdefault(v, set()).add(text)
+    return {v: sorted(t) for v, t in by_value.items()}
+
+
+class _Parser:
+    """Recursive-descent parser with exact rationals; raises ValueError on anything off."""
+
+    def __init__(self, text):
+        self.s, self.i, self.used = text, 0, []
+
+    def parse(self):
+        v = self.expr()
+        if self.i != len(self.s):
+            raise ValueError("trailing text")
+        return v
+
+    def peek(self):
+        return self.s[self.i] if self.i < len(self.s) else ""
+
+    def expr(self):
+        v = self.term()
+        while self.peek() in ("+", "-"):
+            op = self.s[self.i]; self.i += 1
+            v = v + self.term() if op == "+" else v - self.term()
+        return v
+
+    def term(self):
+        v = self.factor()
+        while self.peek() in ("*", "/"):
+            op = self.s[self.i]; self.i += 1
+            r = self.factor()
+            if op == "/" and r == 0:
+                raise ValueError("division by zero")
+            v = v * r if op == "*" else v / r
+        return v
+
+    def factor(self):
+        if self.peek() == "(":
+            self.i += 1
+            v = self.expr()
+            if self.peek() != ")":
+                raise ValueError("unbalanced parentheses")
+            self.i += 1
+            return v
+        j = self.i
+        while self.peek().isdigit() and self.peek().isascii():
+            self.i += 1
+        if j == self.i or self.i - j > 6:
+            raise ValueError("expected a number")
+        self.used.append(int(self.s[j:self.i]))
+        return Fraction(self.used[-1])
+
+
+@dataclass
+class CountdownTask:
+    """Countdown: numbers;target= -> expression using each number exactly once."""
+    n_numbers: int = 3
+    max_number: int = 20
+    max_target: int = 100
+    name: str = "countdown"
+    max_answer_chars: int = 64  # longer answers score 0 (and keep parsing cheap)
+
+    def __post_init__(self):
+        if self.n_numbers not in (2, 3, 4) or self.max_number < 1 or self.max_target < 1:
+            raise ValueError("countdown needs 2-4 numbers and positive ranges")
+
+    @property
+    def max_prompt_len(self):
+        return self.n_numbers * (len(str(self.max_number)) + 1) + len(str(self.max_target)) + 1
+
+    @property
+    def max_response_len(self):  # every number, n-1 operators, and parentheses
+        k = self.n_numbers
+        return k * len(str(self.max_number)) + (k - 1) + 2 * (k - 2)
+
+    def sample_prompt(self, g):
+        while True:  # prompts with no solution in range are never generated
+            nums = tuple(sorted(_randint(1, self.max_number, g) for _ in range(self.n_numbers)))
+            targets = sorted(int(v) for v in countdown_solutions(nums)
+                             if v.denominator == 1 and 1 <= v <= self.max_target)
+            if targets:
+                t = targets[_randint(0, len(targets) - 1, g)]
+                return ",".join(map(str, nums)) + f";{t}="
+
+    @staticmethod
+    def parse_prompt(prompt):
+        nums, target = prompt.rstrip("=").split(";")
+        return tuple(int(x) for x in nums.split(",")), int(target)
+
+    def answers(self, prompt):
+        nums, target = self.parse_prompt(prompt)
+        return countdown_solutions(tuple(sorted(nums))).get(Fraction(target), [])
+
+    def reward(self, prompt, response):
+        nums, target = self.parse_prompt(prompt)
+        if not isinstance(response, str) or not 0 < len(response) <= self.max_answer_chars:
+            return 0.0
+        parser = _Parser(response)
+        try:
+            value = parser.parse()
+        except (ValueError, ZeroDivisionError, RecursionError):
+            return 0.0
+        return float(sorted(parser.used) == sorted(nums) and value == target)
+
+
+TASKS = {"mirror": MirrorTask, "countdown": CountdownTask}
+
+
+def make_task(name, **kwargs):
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    return TASKS[name](**kwargs)
+
+
+def sample_answer(task, prompt, g):
+    """Ground truth: uniform over *all* valid answers, so the expert learns every mode."""
+    answers = task.answers(prompt)
+    return answers[_randint(0, len(answers) - 1, g)]
+
+
+def eval_prompts(task, n, seed=1234):
+    """Held-out prompts fixed by a seed; training prompts exclude them (see PromptStream)."""
+    g = torch.Generator().manual_seed(seed)
+    out, seen = [], set()
+    for _ in range(50 * n):
+        p = task.sample_prompt(g)
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+            if len(out) == n:
+                return out
+    raise ValueError(f"task {task.name} has fewer than {n} distinct prompts")
+
+
+class PromptStream:
+    """Training prompts from a seeded generator, never one of the held-out prompts."""
+
+    def __init__(self, task, held_out, seed):
+        self.task, self.held_out = task, set(held_out)
+        self.g = torch.Generator().manual_seed(seed)
+
+    def batch(self, n):
+        out = []
+        while len(out) < n:
+            p = self.task.sample_prompt(self.g)
+            if p not in self.held_out:
+                out.append(p)
+        return out
+
+
+def pass_rate(task, prompts, responses):
+    return sum(task.reward(p, r) for p, r in zip(prompts, responses)) / max(1, len(prompts))
+
+
+def n_prompts_possible(task):
+    """Size of the prompt space, to warn when held-out and training sets cannot be disjoint."""
+    if task.name == "mirror":
+        return 10 ** task.digits
+    return math.comb(task.max_number + task.n_numbers - 1, task.n_numbers)

@@ -1,0 +1,109 @@
+"""Online imitation learning (on-policy distillation): the student learns at its own states.
+
+Each step the student samples responses to a batch of prompts (KV cache, no grad), the
+expert scores every token of them (no grad), and the student minimises the sequence-level
+reverse KL, the objective the paper analyses (the whole response is one action, so H=1 is a
+single prompt-response):
+    J = KL(pi_s(y|x) || pi_e(y|x)) = E_{y~pi_s} sum_t D_t,
+    D_t = KL(pi_s(.|x,y_<t) || pi_e(.|x,y_<t))      (full-vocabulary, per student prefix)
+Its exact gradient has two parts:
+    grad J = E[ sum_t grad D_t (prefix held fixed) ]
+           + E[ sum_s grad log pi_s(y_s|x,y_<s) * sum_{t>s} gamma^(t-s-1) D_t ]
+The second (score-function, REINFORCE) term is the one that matters under misspecification:
+it tells the first token which *mode* to commit to by what that choice costs later.
+gamma=1 (default) is the exact sequence-level gradient. gamma=0 drops it and leaves the
+per-token objective of GKD/TRL and of Thinking Machines' recipe: at a prefix the student
+cannot tell apart (it cannot see which mode it started), per-token KL is minimised by the
+same 50/50 mixture that SFT learns, so gamma=0 gains little over SFT there.
+
+Simplifications: the baseline is the batch mean of the return at each position (it includes
+the row itself, a small bias); advantages are divided by their std (--normalize-adv), which
+rescales the REINFORCE term relative to the first; the gradient norm is clipped.
+Options: --estimator sampled uses the sampled-token cost c_t = log pi_s(y_t) - log pi_e(y_t)
+in place of D (Thinking Machines style: no full-vocabulary term, return sum_{t>=s} c_t);
+--divergence forward|jsd uses that divergence at the student's states; --mix lambda draws
+that fraction of each batch from the expert (GKD), with no score-function term on those rows.
+
+Run: python train.py --mode onpolicy   (flags: python train.py --help).
+This file is structurally parallel to sft.py: `diff sft.py distill.py`.
+"""
+import time
+
+import torch
+
+from data import decode_responses, encode_prompts
+from kernels import IGNORE, token_divergence, token_logprobs
+from model import response_hidden, unwrap
+
+
+def returns_to_go(cost, mask, gamma, include_current):
+    """sum_{t>s} gamma^(t-s-1) cost_t (or sum_{t>=s} gamma^(t-s) cost_t) per row, [B, R]."""
+    cost = cost * mask
+    out = torch.zeros_like(cost)
+    future = torch.zeros_like(cost[:, 0])
+    for s in reversed(range(cost.shape[1])):
+        out[:, s] = cost[:, s] + gamma * future if include_current else future
+        future = cost[:, s] + gamma * future
+    return out * mask
+
+
+def advantages(returns, mask, normalize):
+    """Per-position batch-mean baseline; optionally divided by the std over all tokens."""
+    n = mask.sum(0).clamp(min=1)
+    baseline = (returns * mask).sum(0) / n
+    adv = (returns - baseline) * mask
+    if normalize and mask.sum() > 1:
+        adv = adv / (adv[mask].std() + 1e-6)
+    return adv
+
+
+def train(run, expert, prompts, tok, task, cfg):
+    """Online IL. `run` (train.py) owns the model, optimizer, logging, checkpoints and ranks;
+    this loop holds the algorithm."""
+    B = cfg.batch_size // run.world
+    n_from_expert = round(cfg.mix * B)
+    for step in run.steps():
+        # ---- states: the student's own rollouts (online); the expert scores every token
+        texts = prompts.batch(B)
+        prompt, pvalid = encode_prompts(tok, texts, run.device)
+        t0 = time.time()
+        with run.autocast():
+            resp, rmask = unwrap(run.model).generate(prompt, pvalid, task.max_response_len + 1, tok.end, tok.pad,
+                                                     temperature=cfg.temperature, generator=run.sample_gen)
+            if n_from_expert:  # GKD mixing: some rows come from the expert instead
+                eresp, emask = expert.generate(prompt[:n_from_expert], pvalid[:n_from_expert], resp.shape[1],
+                                               tok.end, tok.pad, temperature=cfg.temperature,
+                                               generator=run.sample_gen)
+                resp[:n_from_expert], rmask[:n_from_expert] = tok.pad, False
+                resp[:n_from_expert, :eresp.shape[1]], rmask[:n_from_expert, :emask.shape[1]] = eresp, emask
+            with torch.no_grad():
+                h_e = response_hidden(expert, prompt, pvalid, resp, rmask).flatten(0, 1)
+            h = response_hidden(run.model, prompt, pvalid, resp, rmask).flatten(0, 1)
+        W, valid = unwrap(run.model).unembedding, rmask.flatten()
+        on_policy = torch.ones_like(rmask)
+        on_policy[:n_from_expert] = False
+        # ---- loss: sequence-level reverse KL = per-token KL at fixed prefixes + REINFORCE
+        D = torch.zeros(rmask.shape, device=run.device)
+        D[rmask] = token_divergence(h[valid], W, (h_e[valid], expert.unembedding), cfg.divergence,
+                                    beta=cfg.beta, fused=cfg.fused)
+        logq = token_logprobs(h, W, torch.where(valid, resp.flatten(), IGNORE), fused=cfg.fused).view(rmask.shape)
+        if cfg.estimator == "full":
+            returns = returns_to_go(D.detach(), rmask, cfg.gamma, include_current=False)
+            per_token = D
+        else:  # sampled-token cost: the one-sample estimate of D_t, no full-vocabulary term
+            with torch.no_grad():
+                logp = token_logprobs(h_e, expert.unembedding, torch.where(valid, resp.flatten(), IGNORE))
+            cost = (logq.detach() - logp.view(rmask.shape)) * rmask
+            returns = returns_to_go(cost, rmask, cfg.gamma, include_current=True)
+            per_token = torch.zeros_like(D)
+        adv = advantages(returns, rmask & on_policy, cfg.normalize_adv)
+        per_token = per_token + adv * logq * on_policy
+        n_tokens = run.global_sum(rmask.sum())
+        loss = per_token.sum() / n_tokens * run.world  # DDP averages over ranks
+        grad_norm = run.optimize(loss)
+        texts_out = decode_responses(tok, resp[n_from_expert:], rmask[n_from_expert:])
+        reward = sum(task.reward(p, r) for p, r in zip(texts[n_from_expert:], texts_out)) / max(1, B - n_from_expert)
+        run.log(step, loss=loss.item(), grad_norm=grad_norm, reward=reward,
+                kl=(D.detach().sum(1)[n_from_expert:]).mean().item(),
+                student_tokens=int(rmask[n_from_expert:].sum()), expert_tokens=int(rmask.sum()),
+                tok_per_s=int(rmask.sum()) / (time.time() - t0 + 1e-9))

@@ -1,0 +1,221 @@
+"""Fused token log-prob and divergence kernels (plain PyTorch autograd.Functions).
+
+Both imitation losses spend their memory at one place: turning final hidden states h [N, d]
+into per-token quantities through the unembedding W [V, d]. The naive way materialises the
+logits [N, V], their log-softmax and their gradients: at N=4096 and V=50257 in fp32 that is
+~0.8 GB per copy. These kernels never hold more than an [N, block] slab of the vocabulary:
+
+  forward:  one pass over vocabulary blocks, keeping a running max and sum per row
+            (online logsumexp), plus whatever running sums the quantity needs;
+  backward: recompute each block's logits, form its logit gradient, then
+            grad_h += G_blk @ W_blk  (small [N, d], accumulated)
+            grad_W[blk] = G_blk^T @ h  (written once per block).
+
+Chunking over the vocabulary rather than over rows (as Cut Cross-Entropy does) means each
+slice of grad_W is written exactly once, so the cost stays at ~4 GEMMs (naive: 3). All
+softmax/logsumexp arithmetic is fp32 even when h and W are bf16; the GEMMs run in the
+input dtype, which is what makes them fast on a GPU.
+
+token_logprobs(h, W, targets)            -> log p(target) per row            [N] fp32
+token_divergence(h, W, expert, kind)     -> per-row divergence over the vocab [N] fp32
+    kind = "reverse": KL(student || expert)   mode-seeking; online IL's objective
+           "forward": KL(expert || student)   mode-covering; what SFT minimises
+           "jsd":     generalised JSD(beta), GKD/TRL convention: m = beta*p + (1-beta)*q,
+                      beta*KL(p||m) + (1-beta)*KL(q||m); beta=0 is forward, beta=1 reverse KL.
+
+fused=False switches to the naive reference (log_softmax over full logits), for reading
+and for tests.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100  # target id of rows that take no part (padding, prompt tokens)
+
+
+def vocab_block(n_rows, vocab, budget_bytes=64 * 2**20):
+    """Vocabulary block size such that the ~4 fp32 [N, block] working buffers fit the
+    budget; a single block when everything fits (the project's tasks have V ~ 22)."""
+    block = budget_bytes // (16 * max(1, n_rows))
+    return int(min(vocab, max(1, block)))
+
+
+def _logits(h, W, v0, v1, temperature):
+    """Logits of vocabulary slice [v0, v1), scaled, in fp32."""
+    return (h @ W[v0:v1].T).float() / temperature
+
+
+# ----------------------------------------------------------------------------- log-probs
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, W, targets, temperature, block):
+        N, V = h.shape[0], W.shape[0]
+        valid = targets != IGNORE
+        tgt = torch.where(valid, targets, 0)
+        m = torch.full((N,), -math.inf, device=h.device)  # running max
+        s = torch.zeros(N, device=h.device)  # running sum of exp(z - m)
+        z_tgt = torch.zeros(N, device=h.device)
+        for v0 in range(0, V, block):
+            z = _logits(h, W, v0, min(V, v0 + block), temperature)
+            m_new = torch.maximum(m, z.max(1).values)
+            s = s * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(1)
+            m = m_new
+            # read the target logit from the same GEMM output the normaliser saw
+            here = (tgt >= v0) & (tgt < v0 + z.shape[1])
+            col = (tgt - v0).clamp(0, z.shape[1] - 1)[:, None]
+            z_tgt = torch.where(here, z.gather(1, col).squeeze(1), z_tgt)
+        lse = m + torch.log(s)
+        ctx.save_for_backward(h, W, tgt, valid, lse)
+        ctx.temperature, ctx.block = temperature, block
+        return torch.where(valid, z_tgt - lse, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, W, tgt, valid, lse = ctx.saved_tensors
+        T, block, V = ctx.temperature, ctx.block, W.shape[0]
+        g = torch.where(valid, grad_out.float(), 0.0)  # ignored rows: exactly zero gradient
+        grad_h = torch.zeros(h.shape, device=h.device) if ctx.needs_input_grad[0] else None
+        grad_W = torch.zeros(W.shape, device=W.device) if ctx.needs_input_grad[1] else None
+        for v0 in range(0, V, block):
+            v1 = min(V, v0 + block)
+            p = torch.exp(_logits(h, W, v0, v1, T) - lse[:, None])
+            # d log p(t) / dz = onehot(t) - p, times the upstream gradient, through 1/T
+            G = -g[:, None] * p
+            here = (tgt >= v0) & (tgt < v1)
+            G.scatter_add_(1, (tgt - v0).clamp(0, v1 - v0 - 1)[:, None], (g * here)[:, None])
+            G = (G / T).to(h.dtype)
+            if grad_h is not None:
+                grad_h += G @ W[v0:v1]
+            if grad_W is not None:
+                grad_W[v0:v1] = G.T @ h
+        return (None if grad_h is None else grad_h.to(h.dtype),
+                None if grad_W is None else grad_W.to(W.dtype), None, None, None)
+
+
+def token_logprobs(h, W, targets, temperature=1.0, fused=True, block=None):
+    """log p(targets[i] | h[i]) under softmax(h W^T / T); rows with target IGNORE give 0."""
+    if not fused:
+        logp = F.log_softmax((h @ W.T).float() / temperature, dim=-1)
+        valid = targets != IGNORE
+        out = logp.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1)
+        return torch.where(valid, out, 0.0)
+    block = block or vocab_block(h.shape[0], W.shape[0])
+    return _TokenLogprobs.apply(h, W, targets, temperature, block)
+
+
+# ----------------------------------------------------------------------------- divergences
+def _xlogy_diff(a, log_a, log_b):
+    """a * (log_a - log_b) with the convention 0 * anything = 0 (so -inf logits are fine)."""
+    return torch.where(a > 0, a * (log_a - log_b), 0.0)
+
+
+class _TokenDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, W, expert_logits, expert_h, expert_W, kind, beta, temperature, block):
+        N, V = h.shape[0], W.shape[0]
+
+        def expert_block(v0, v1):
+            if expert_logits is not None:
+                return expert_logits[:, v0:v1].float() / temperature
+            with torch.no_grad():
+                return _logits(expert_h, expert_W, v0, v1, temperature)
+
+        # pass 1: both normalisers by online logsumexp
+        ms = torch.full((N,), -math.inf, device=h.device); ss = torch.zeros(N, device=h.device)
+        me = torch.full((N,), -math.inf, device=h.device); se = torch.zeros(N, device=h.device)
+        for v0 in range(0, V, block):
+            v1 = min(V, v0 + block)
+            zs, ze = _logits(h, W, v0, v1, temperature), expert_block(v0, v1)
+            ms_new = torch.maximum(ms, zs.max(1).values)
+            ss = ss * torch.exp(ms - ms_new) + torch.exp(zs - ms_new[:, None]).sum(1)
+            ms = ms_new
+            me_new = torch.maximum(me, ze.max(1).values)
+            me_safe = torch.where(torch.isfinite(me_new), me_new, 0.0)  # a block of all -inf
+            se = se * torch.exp(me - me_safe) + torch.exp(ze - me_safe[:, None]).sum(1)
+            me = me_new
+        lse_s, lse_e = ms + torch.log(ss), me + torch.log(se)
+        # pass 2: the divergence itself, block by block, from normalised log-probs
+        div = torch.zeros(N, device=h.device)
+        c = torch.zeros(N, device=h.device)  # <q, dD/dq> for the JSD backward
+        for v0 in range(0, V, block):
+            v1 = min(V, v0 + block)
+            logq = _logits(h, W, v0, v1, temperature) - lse_s[:, None]
+            logp = expert_block(v0, v1) - lse_e[:, None]
+            q, p = logq.exp(), logp.exp()
+            if kind == "reverse":
+                div += _xlogy_diff(q, logq, logp).sum(1)
+            elif kind == "forward":
+                div += _xlogy_diff(p, logp, logq).sum(1)
+            else:
+                logm = torch.logaddexp(logp + math.log(beta), logq + math.log(1 - beta))
+                kl_qm = _xlogy_diff(q, logq, logm).sum(1)
+                div += beta * _xlogy_diff(p, logp, logm).sum(1) + (1 - beta) * kl_qm
+                c += (1 - beta) * kl_qm
+        ctx.save_for_backward(h, W, expert_logits, expert_h, expert_W, lse_s, lse_e, div, c)
+        ctx.kind, ctx.beta, ctx.temperature, ctx.block = kind, beta, temperature, block
+        return div
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, W, expert_logits, expert_h, expert_W, lse_s, lse_e, div, c = ctx.saved_tensors
+        kind, beta, T, block, V = ctx.kind, ctx.beta, ctx.temperature, ctx.block, W.shape[0]
+        g = grad_out.float()
+        grad_h = torch.zeros(h.shape, device=h.device) if ctx.needs_input_grad[0] else None
+        grad_W = torch.zeros(W.shape, device=W.device) if ctx.needs_input_grad[1] else None
+        for v0 in range(0, V, block):
+            v1 = min(V, v0 + block)
+            logq = _logits(h, W, v0, v1, T) - lse_s[:, None]
+            if expert_logits is not None:
+                logp = expert_logits[:, v0:v1].float() / T - lse_e[:, None]
+            else:
+                with torch.no_grad():
+                    logp = _logits(expert_h, expert_W, v0, v1, T) - lse_e[:, None]
+            q, p = logq.exp(), logp.exp()
+            # dD/dz_k = q_k (a_k - <q, a>) with a = dD/dq; written out per kind:
+            if kind == "reverse":  # a = log q - log p (+1, which cancels)
+                Gz = torch.where(q > 0, q * (logq - logp - div[:, None]), 0.0)
+            elif kind == "forward":  # a = -p/q
+                Gz = q - p
+            else:  # a = (1-beta) (log q - log m)
+                logm = torch.logaddexp(logp + math.log(beta), logq + math.log(1 - beta))
+                Gz = q * ((1 - beta) * (logq - logm) - c[:, None])
+            G = (g[:, None] * Gz / T).to(h.dtype)
+            if grad_h is not None:
+                grad_h += G @ W[v0:v1]
+            if grad_W is not None:
+                grad_W[v0:v1] = G.T @ h
+        return (None if grad_h is None else grad_h.to(h.dtype),
+                None if grad_W is None else grad_W.to(W.dtype)) + (None,) * 7
+
+
+def naive_divergence(zs, ze, kind, beta=0.5):
+    """Reference from full logits [N, V]: the definitions, written with log_softmax."""
+    logq, logp = F.log_softmax(zs, -1), F.log_softmax(ze, -1)
+    q, p = logq.exp(), logp.exp()
+    if kind == "reverse":
+        return _xlogy_diff(q, logq, logp).sum(-1)
+    if kind == "forward":
+        return _xlogy_diff(p, logp, logq).sum(-1)
+    logm = torch.logaddexp(logp + math.log(beta), logq + math.log(1 - beta))
+    return beta * _xlogy_diff(p, logp, logm).sum(-1) + (1 - beta) * _xlogy_diff(q, logq, logm).sum(-1)
+
+
+def token_divergence(h, W, expert, kind="reverse", beta=0.5, temperature=1.0, fused=True, block=None):
+    """Per-row divergence between the student softmax(h W^T / T) and the expert's softmax.
+    expert: expert logits [N, V], or (expert_h, expert_W) evaluated block by block, no grad."""
+    if kind not in ("reverse", "forward", "jsd"):
+        raise ValueError(f"unknown divergence {kind!r}; choose reverse, forward or jsd")
+    if kind == "jsd" and not 0 <= beta <= 1:
+        raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
+    if kind == "jsd" and beta in (0, 1):  # the GKD/TRL endpoints
+        kind = "forward" if beta == 0 else "reverse"
+    if not fused:
+        ze = expert if torch.is_tensor(expert) else (expert[0] @ expert[1].T).detach()
+        return naive_divergence((h @ W.T).float() / temperature, ze.float() / temperature, kind, beta)
+    block = block or vocab_block(h.shape[0], W.shape[0])
+    if torch.is_tensor(expert):
+        args = (expert.detach(), None, None)
+    else:
+        args = (None, expert[0].detach(), expert[1].detach())
+    return _TokenDivergence.apply(h, W, *args, kind, beta, temperature, block)

@@ -1,0 +1,224 @@
+"""A small causal GPT (nanoGPT-style), expert/student sizing, KV-cache sampling, checkpoints.
+
+Sequences are laid out as  [left-padded prompt | response, right-padded]. Padding is masked
+out of attention and positions count real tokens only, so a padded batch computes exactly
+what each row would compute alone, and every prompt ends at the same column: sampling
+appends one column per step for the whole batch.
+"""
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import IGNORE, token_logprobs
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 64
+    block_size: int = 32  # context length: longest prompt + response + begin/end tokens
+    vocab_size: int = 22
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be at least 1, got {getattr(self, k)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"width {self.n_embd} is not divisible by {self.n_head} heads")
+
+
+# Named sizes. On the default (mirror) task, "medium" is the expert and a realizable student
+# (same class); "small" has one layer, cannot compose two attention lookups, and is
+# misspecified (see data.py). "tiny" is for tests; "large" for countdown's expert.
+SIZES = {
+    "tiny": dict(n_layer=1, n_head=2, n_embd=8),
+    "small": dict(n_layer=1, n_head=1, n_embd=16),
+    "medium": dict(n_layer=2, n_head=4, n_embd=64),
+    "large": dict(n_layer=4, n_head=4, n_embd=128),
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, attn_mask, cache=None, start=0):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:  # write this step's keys/values, attend over everything so far
+            cache[0][:, :, start:start + T] = k
+            cache[1][:, :, start:start + T] = v
+            k, v = cache[0][:, :, :start + T], cache[1][:, :, :start + T]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
+                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
+
+    def forward(self, x, attn_mask, cache=None, start=0):
+        x = x + self.attn(self.ln1(x), attn_mask, cache, start)
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)  # tied: also the unembedding
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def n_params(self):
+        return sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+
+    @property
+    def unembedding(self):
+        return self.wte.weight  # [V, d]
+
+    def forward(self, tokens, valid, cache=None, start=0, pos=None):
+        """Final hidden states [B, T, d] (after the last LayerNorm).
+        valid [B, start+T]: which key columns are real tokens (False on padding)."""
+        B, T = tokens.shape
+        if pos is None:  # positions count real tokens only, so padding shifts nothing
+            pos = (valid.long().cumsum(1) - 1).clamp(min=0)[:, start:start + T]
+        if int(pos.max()) >= self.cfg.block_size:
+            raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds block_size {self.cfg.block_size}")
+        key = torch.arange(start + T, device=tokens.device)[None, :]
+        query = torch.arange(start, start + T, device=tokens.device)[:, None]
+        # a query sees earlier real keys, and always itself (so a pad row is never all -inf)
+        attn_mask = ((key <= query) & valid[:, None, :start + T]) | (key == query)
+        x = self.drop(self.wte(tokens) + self.wpe(pos))
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, attn_mask[:, None], None if cache is None else cache[i], start)
+        return self.ln_f(x)
+
+    def logits(self, tokens, valid):
+        """Full logits [B, T, V], for reading and small checks; the losses use kernels.py."""
+        return self(tokens, valid) @ self.unembedding.T
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate(self, prompt, prompt_valid, max_new_tokens, end_token, pad_token,
+                 temperature=1.0, top_k=None, generator=None, use_cache=True):
+        """Sample responses for a left-padded prompt batch.
+        Returns responses [B, R] (padded after each row's end token) and mask [B, R] of
+        real tokens (the end token included: the student must learn to stop)."""
+        B, P = prompt.shape
+        dev = prompt.device
+        tokens = torch.cat([prompt, torch.full((B, max_new_tokens), pad_token, device=dev)], 1)
+        valid = torch.cat([prompt_valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=dev)], 1)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=dev)
+        n_prompt = prompt_valid.sum(1)
+        if use_cache:
+            hs = self.cfg.n_embd // self.cfg.n_head
+            shape = (B, self.cfg.n_head, P + max_new_tokens, hs)
+            cache = [(torch.empty(shape, device=dev), torch.empty(shape, device=dev)) for _ in self.blocks]
+            h = self(prompt, prompt_valid, cache, 0)[:, -1]
+        for t in range(max_new_tokens):
+            if not use_cache:  # the reference: recompute the whole prefix every step
+                h = self(tokens[:, :P + t], valid[:, :P + t])[:, -1]
+            logits = (h @ self.unembedding.T).float() / max(temperature, 1e-8)
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, -math.inf)
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(1)
+            nxt = torch.where(done, pad_token, nxt)
+            mask[:, t] = ~done
+            tokens[:, P + t] = nxt
+            done |= nxt == end_token
+            if bool(done.all()):
+                break
+            if use_cache:
+                pos = (n_prompt + t)[:, None]
+                h = self(nxt[:, None], valid[:, :P + t + 1], cache, P + t, pos)[:, -1]
+        return tokens[:, P:P + mask.sum(1).max()], mask[:, :mask.sum(1).max()]
+
+
+def response_hidden(model, prompt, prompt_valid, responses, response_mask):
+    """Hidden states that predict each response token: [B, R, d]. The state at column P-1+t
+    (last prompt token, then response tokens) predicts token t. `model` may be wrapped
+    (DistributedDataParallel, torch.compile): calling it is what syncs gradients."""
+    P = prompt.shape[1]
+    tokens = torch.cat([prompt, responses], 1)
+    valid = torch.cat([prompt_valid, response_mask], 1)
+    return model(tokens, valid)[:, P - 1:-1]
+
+
+def unwrap(model):
+    """The GPT inside a DistributedDataParallel or torch.compile wrapper."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def response_logprobs(model, prompt, prompt_valid, responses, response_mask, fused=True):
+    """log pi(y_t | x, y_<t) of each response token [B, R]; 0 on padding (which gets no gradient)."""
+    h = response_hidden(model, prompt, prompt_valid, responses, response_mask)
+    targets = torch.where(response_mask, responses, IGNORE)
+    return token_logprobs(h.flatten(0, 1), unwrap(model).unembedding, targets.flatten(), fused=fused).view(responses.shape)
+
+
+def make_model(size, block_size, vocab_size, **overrides):
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose from {sorted(SIZES)}")
+    return GPT(GPTConfig(**{**SIZES[size], **overrides}, block_size=block_size, vocab_size=vocab_size))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, model, **extra):
+    """Atomic save: write a temporary file beside the target, then rename over it, so a
+    crash mid-write never leaves a damaged checkpoint where a good one was."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    state = {**extra, "model": model.state_dict(), "model_args": asdict(model.cfg)}
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, expect=None, device="cpu"):
+    """Load a checkpoint and its GPT; refuse one whose recorded fields differ from `expect`
+    (task, tokenizer identity, size ...) with a one-line ValueError naming the file."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such checkpoint")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=False)
+        model = GPT(GPTConfig(**ck["model_args"]))
+        model.load_state_dict(ck["model"])
+    except Exception as e:  # corrupt or foreign file: say so, in one line
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:100]})") from None
+    for k, v in (expect or {}).items():
+        if ck.get(k) != v:
+            raise ValueError(f"{path}: made for {k}={ck.get(k)!r}, but this run needs {k}={v!r}")
+    return model.to(device), ck

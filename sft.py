@@ -1,0 +1,103 @@
+"""Offline imitation learning (SFT): the student learns from the expert's own states.
+
+The expert is queried only before training: `expert_dataset` samples one response per
+prompt at temperature 1 and caches the dataset on disk. Training then minimises
+    loss = -sum_t log pi_student(y_t | x, y_<t) / #tokens,      y ~ pi_expert(.|x)
+the forward KL KL(expert || student) up to the expert's entropy. Forward KL is mode-covering:
+a student that cannot represent every mode of the expert spreads its mass over all of them,
+and on a misspecified student that costs reward even at horizon H=1 (the paper's
+information-theoretic bottleneck).
+
+Option --sft-loss forward_kl: word-level distillation, the full-vocabulary forward KL to the
+expert's next-token distribution at each of the expert's states (scored before training).
+
+Also used to train the expert on ground-truth answers and to warm-start the student base.
+Run: python train.py --mode sft   (flags: python train.py --help).
+This file is structurally parallel to distill.py: `diff sft.py distill.py` shows where the
+states come from and the loss.
+"""
+import time
+
+import torch
+
+from data import encode_prompts, encode_responses
+from kernels import IGNORE, token_divergence, token_logprobs
+from model import response_hidden, unwrap
+
+
+@torch.no_grad()
+def expert_dataset(expert, tok, task, prompt_texts, cfg, generator, device, score=False):
+    """Responses sampled from the expert at cfg.temperature, one per prompt (and, with
+    score=True, the expert's logits at each of its states, for word-level distillation)."""
+    rows, t0 = [], time.time()
+    for i in range(0, len(prompt_texts), 256):
+        prompt, pvalid = encode_prompts(tok, prompt_texts[i:i + 256], device)
+        resp, rmask = expert.generate(prompt, pvalid, task.max_response_len + 1, tok.end, tok.pad,
+                                      temperature=cfg.temperature, generator=generator)
+        row = dict(prompt=prompt, prompt_valid=pvalid, response=resp, response_mask=rmask)
+        if score:
+            h = response_hidden(expert, prompt, pvalid, resp, rmask)
+            row["expert_logits"] = (h @ expert.unembedding.T).float()
+        rows.append(row)
+        print(f"\rsampling expert responses: {min(i + 256, len(prompt_texts))}/{len(prompt_texts)}"
+              f" ({time.time() - t0:.0f}s)", end="", flush=True)
+    print()
+    return collate(rows, tok)
+
+
+def ground_truth_dataset(tok, task, prompt_texts, answers, device):
+    """The expert's own training data: one uniformly drawn valid answer per prompt."""
+    prompt, pvalid = encode_prompts(tok, prompt_texts, device)
+    resp, rmask = encode_responses(tok, answers, device)
+    return dict(prompt=prompt, prompt_valid=pvalid, response=resp, response_mask=rmask)
+
+
+def collate(rows, tok):
+    """Concatenate chunks whose padded widths differ (prompts left-padded, responses right)."""
+    P = max(r["prompt"].shape[1] for r in rows)
+    R = max(r["response"].shape[1] for r in rows)
+    out = {}
+    for k in rows[0]:
+        parts = []
+        for r in rows:
+            x = r[k]
+            if k.startswith("prompt"):  # left pad
+                fill = tok.pad if k == "prompt" else False
+                x = torch.cat([torch.full((x.shape[0], P - x.shape[1]), fill, dtype=x.dtype, device=x.device), x], 1)
+            elif x.shape[1] < R:  # right pad
+                fill = tok.pad if k == "response" else 0
+                pad = torch.full((x.shape[0], R - x.shape[1], *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
+                x = torch.cat([x, pad], 1)
+            parts.append(x)
+        out[k] = torch.cat(parts)
+    return out
+
+
+def train(run, dataset, cfg, loss_kind="ce"):
+    """Offline IL on a fixed dataset. `run` (train.py) owns the model, optimizer, logging,
+    checkpoints and ranks; this loop holds the algorithm."""
+    n = dataset["prompt"].shape[0]
+    B = cfg.batch_size // run.world
+    for step in run.steps():
+        # ---- states: rows of the dataset the expert sampled before training (offline)
+        start = (step * cfg.batch_size + run.rank * B) % n
+        rows = torch.arange(start, start + B) % n
+        prompt, pvalid = dataset["prompt"][rows], dataset["prompt_valid"][rows]
+        resp, rmask = dataset["response"][rows], dataset["response_mask"][rows]
+        t0 = time.time()
+        with run.autocast():
+            h = response_hidden(run.model, prompt, pvalid, resp, rmask).flatten(0, 1)
+        W = unwrap(run.model).unembedding
+        # ---- loss: cross-entropy on the expert's tokens (forward KL: mode-covering)
+        if loss_kind == "ce":
+            targets = torch.where(rmask, resp, IGNORE).flatten()
+            per_token = -token_logprobs(h, W, targets, fused=cfg.fused)
+        else:  # word-level distillation: full forward KL at the expert's states
+            valid = rmask.flatten()
+            per_token = token_divergence(h[valid], W, dataset["expert_logits"][rows].flatten(0, 1)[valid],
+                                         "forward", fused=cfg.fused)
+        n_tokens = run.global_sum(rmask.sum())
+        loss = per_token.sum() / n_tokens * run.world  # DDP averages over ranks
+        grad_norm = run.optimize(loss)
+        run.log(step, loss=loss.item(), grad_norm=grad_norm, expert_tokens=int(n_tokens),
+                tok_per_s=int(rmask.sum()) / (time.time() - t0 + 1e-9))

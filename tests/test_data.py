@@ -1,0 +1,121 @@
+"""Tokenizer, tasks and verifiers: hand-made cases, ground truth, adversarial and random strings."""
+import random
+
+import pytest
+import torch
+
+from data import (ALPHABET, CountdownTask, MirrorTask, PromptStream, Tokenizer, countdown_solutions,
+                  encode_prompts, encode_responses, eval_prompts, make_task, sample_answer)
+
+
+def test_tokenizer_round_trip_and_specials():
+    tok = Tokenizer()
+    text = "12+(3*4)/5-6=7,8;9"
+    ids = tok.encode(text)
+    assert len(ids) == len(text) and tok.decode(ids) == text
+    assert tok.decode(ids + [tok.end] + tok.encode("99")) == text  # stops at the end token
+    assert tok.decode([tok.pad]) == "<|pad|>"  # a stray special token never verifies
+    assert tok.vocab_size == len(ALPHABET) + 3 == tok.enc.n_vocab
+
+
+def test_tokenizer_rejects_characters_outside_alphabet():
+    with pytest.raises(ValueError, match="'x' is not in the task alphabet"):
+        Tokenizer().encode("12x")
+
+
+def test_padded_batches():
+    tok = Tokenizer()
+    p, v = encode_prompts(tok, ["1=", "123="])
+    assert p.shape == (2, 5) and v.tolist() == [[False, False, True, True, True], [True] * 5]
+    assert p[0, 0] == tok.pad and p[:, -1].tolist() == tok.encode("==")
+    r, m = encode_responses(tok, ["7", "789"])
+    assert r[0].tolist() == [7, tok.end, tok.pad, tok.pad] and m.sum(1).tolist() == [2, 4]
+
+
+def test_mirror_verifier_hand_made():
+    t = MirrorTask(digits=5)
+    assert t.reward("31415=", "31415") == 1 and t.reward("31415=", "51413") == 1
+    for wrong in ("31414", "3141", "314155", "", "51431", "<|pad|>"):
+        assert t.reward("31415=", wrong) == 0
+    assert MirrorTask(digits=4, answer_len=1).answers("1234=") == ["1", "4"]
+
+
+def test_countdown_verifier_hand_made():
+    t = CountdownTask(n_numbers=3)
+    p = "2,3,7;20="  # (7-2)*... -> 3*7-2 = 19 no; (3+7)*2 = 20 yes
+    assert t.reward(p, "(3+7)*2") == 1 and t.reward(p, "2*(7+3)") == 1
+    assert t.reward(p, "3+7*2") == 0  # 17
+    assert t.reward(p, "(3+7)*2+0") == 0  # a number not in the prompt
+    assert t.reward(p, "(3+7)+(3+7)") == 0  # 3 and 7 twice, 2 never
+    assert t.reward(p, "20") == 0
+    assert t.reward("4,6,8;3=", "(4+8)/6*...") == 0
+    assert t.reward("4,6,8;3=", "6/(8-4)*2") == 0 and t.reward("4,6,8;3=", "(4+8)/6") == 0
+    assert t.reward("4,6,8;3=", "8-(4+6)/... ") == 0
+
+
+@pytest.mark.parametrize("text", ["1/0", "2,3,7", "7/(3-3)*2", "(((((", "))", "(3+7*2", "3+7)*2",
+                                  "__import__('os')", "9" * 10_000, "", "2**3**99999", "1e308*1e308",
+                                  "9999999999*9999999999", "-2+3*7", "(3+7)*2\n", " (3+7)*2", "ⅷ+3+7"])
+def test_countdown_adversarial_never_raises(text):
+    assert CountdownTask().reward("2,3,7;20=", text) == 0
+
+
+def test_countdown_ground_truth_verifies_and_is_exhaustive():
+    t = CountdownTask(n_numbers=3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        p = t.sample_prompt(g)
+        answers = t.answers(p)
+        assert answers and all(t.reward(p, a) == 1 for a in answers)
+        assert len(set(answers)) == len(answers)
+    # 1,2,3 -> 6 is reached by 1+2+3, 1*2*3, ... in every order
+    sols = countdown_solutions((1, 2, 3))[6]
+    assert {"1+2+3", "3+2+1", "1*2*3", "(1+2)*3" if False else "1*2*3"} <= set(sols)
+    assert "(1+2)+3" not in sols  # minimal parentheses only
+
+
+def test_ground_truth_sampler_is_uniform_over_answers():
+    t = MirrorTask(digits=5)
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_answer(t, "12345=", g) for _ in range(2000)]
+    assert set(draws) == {"12345", "54321"} and 900 < draws.count("12345") < 1100
+
+
+def test_verifiers_fuzzed_never_raise_never_accept_invalid():
+    rng = random.Random(0)
+    cd, mi = CountdownTask(n_numbers=3), MirrorTask(digits=5)
+    chars = ALPHABET + " x.eE_'\\\n\u00e9"
+    gen = torch.Generator().manual_seed(0)
+    prompts = [cd.sample_prompt(gen) for _ in range(5)]
+    for i in range(5000):
+        s = "".join(rng.choice(chars) for _ in range(rng.randint(0, 30)))
+        p = prompts[i % 5]
+        r = cd.reward(p, s)
+        assert r == (1.0 if s in cd.answers(p) or _valid_countdown(p, s) else 0.0)
+        assert mi.reward("31415=", s) == float(s in ("31415", "51413"))
+
+
+def _valid_countdown(prompt, s):
+    """Independent check for a random string: only digits/operators/parens, same numbers,
+    and the value by Python's own arithmetic on Fractions (over our own digits-only text)."""
+    import re
+    from fractions import Fraction
+    if not s or not re.fullmatch(r"[0-9+\-*/()]+", s):
+        return False
+    nums, target = CountdownTask.parse_prompt(prompt)
+    if sorted(int(x) for x in re.findall(r"\d+", s)) != sorted(nums):
+        return False
+    return Fraction(target) in [v for v, texts in countdown_solutions(tuple(sorted(nums))).items() if s in texts]
+
+
+def test_held_out_prompts_fixed_and_disjoint():
+    t = make_task("mirror")
+    a, b = eval_prompts(t, 64, seed=3), eval_prompts(t, 64, seed=3)
+    assert a == b and len(set(a)) == 64
+    train = PromptStream(t, a, seed=3).batch(5000)  # same seed as the held-out set, still disjoint
+    assert not set(train) & set(a)
+
+
+def test_unknown_task_is_clear():
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        make_task("nope")
