@@ -8,7 +8,7 @@ single prompt-response):
     D_t = KL(pi_s(.|x,y_<t) || pi_e(.|x,y_<t))      (full-vocabulary, per student prefix)
 Its exact gradient has two parts:
     grad J = E[ sum_t grad D_t (prefix held fixed) ]
-           + E[ sum_s grad log pi_s(y_s|x,y_<s) * sum_{t>s} gamma^(t-s-1) D_t ]
+           + E[ sum_s grad log pi_s(y_s|x,y_<s) * sum_{t>s} gamma^(t-s) D_t ]
 The second (score-function, REINFORCE) term is the one that matters under misspecification:
 it tells the first token which *mode* to commit to by what that choice costs later.
 gamma=1 (default) is the exact sequence-level gradient. gamma=0 drops it and leaves the
@@ -20,7 +20,8 @@ Simplifications: the baseline is the batch mean of the return at each position (
 the row itself, a small bias); advantages are divided by their std (--normalize-adv), which
 rescales the REINFORCE term relative to the first; the gradient norm is clipped.
 Options: --estimator sampled uses the sampled-token cost c_t = log pi_s(y_t) - log pi_e(y_t)
-in place of D (Thinking Machines style: no full-vocabulary term, return sum_{t>=s} c_t);
+in place of D (Thinking Machines style at gamma=0: no full-vocabulary term, return
+sum_{t>=s} gamma^(t-s) c_t);
 --divergence forward|jsd uses that divergence at the student's states; --mix lambda draws
 that fraction of each batch from the expert (GKD), with no score-function term on those rows.
 
@@ -37,24 +38,35 @@ from model import response_hidden, unwrap
 
 
 def returns_to_go(cost, mask, gamma, include_current):
-    """sum_{t>s} gamma^(t-s-1) cost_t (or sum_{t>=s} gamma^(t-s) cost_t) per row, [B, R]."""
+    """sum_{t>s} gamma^(t-s) cost_t per row [B, R] (include_current: t >= s).
+    gamma=0 leaves only the current cost, or nothing: the per-token objective."""
     cost = cost * mask
     out = torch.zeros_like(cost)
-    future = torch.zeros_like(cost[:, 0])
+    ahead = torch.zeros_like(cost[:, 0])  # sum_{t>s} gamma^(t-s) cost_t
     for s in reversed(range(cost.shape[1])):
-        out[:, s] = cost[:, s] + gamma * future if include_current else future
-        future = cost[:, s] + gamma * future
+        out[:, s] = cost[:, s] + ahead if include_current else ahead
+        ahead = gamma * (cost[:, s] + ahead)
     return out * mask
 
 
-def advantages(returns, mask, normalize):
+def advantages(returns, mask, baseline=True, normalize=True):
     """Per-position batch-mean baseline; optionally divided by the std over all tokens."""
-    n = mask.sum(0).clamp(min=1)
-    baseline = (returns * mask).sum(0) / n
-    adv = (returns - baseline) * mask
+    adv = returns * mask
+    if baseline:
+        n = mask.sum(0).clamp(min=1)
+        adv = (returns - (returns * mask).sum(0) / n) * mask
     if normalize and mask.sum() > 1:
         adv = adv / (adv[mask].std() + 1e-6)
     return adv
+
+
+def sequence_kl_surrogate(D, logq, mask, gamma, on_policy=None, baseline=True, normalize=True):
+    """Per-token surrogate whose gradient is the two-part gradient of the sequence-level
+    divergence: D_t (prefix held fixed) + stop_grad(advantage_t) * log pi_s(y_t).
+    With baseline=normalize=False its expectation's gradient is exact (tests/test_distill.py)."""
+    on_policy = mask if on_policy is None else mask & on_policy
+    returns = returns_to_go(D.detach(), mask, gamma, include_current=False)
+    return D * mask + advantages(returns, on_policy, baseline, normalize) * logq * on_policy
 
 
 def train(run, expert, prompts, tok, task, cfg):
@@ -88,16 +100,13 @@ def train(run, expert, prompts, tok, task, cfg):
                                     beta=cfg.beta, fused=cfg.fused)
         logq = token_logprobs(h, W, torch.where(valid, resp.flatten(), IGNORE), fused=cfg.fused).view(rmask.shape)
         if cfg.estimator == "full":
-            returns = returns_to_go(D.detach(), rmask, cfg.gamma, include_current=False)
-            per_token = D
+            per_token = sequence_kl_surrogate(D, logq, rmask, cfg.gamma, on_policy, normalize=cfg.normalize_adv)
         else:  # sampled-token cost: the one-sample estimate of D_t, no full-vocabulary term
             with torch.no_grad():
                 logp = token_logprobs(h_e, expert.unembedding, torch.where(valid, resp.flatten(), IGNORE))
             cost = (logq.detach() - logp.view(rmask.shape)) * rmask
             returns = returns_to_go(cost, rmask, cfg.gamma, include_current=True)
-            per_token = torch.zeros_like(D)
-        adv = advantages(returns, rmask & on_policy, cfg.normalize_adv)
-        per_token = per_token + adv * logq * on_policy
+            per_token = advantages(returns, rmask & on_policy, normalize=cfg.normalize_adv) * logq
         n_tokens = run.global_sum(rmask.sum())
         loss = per_token.sum() / n_tokens * run.world  # DDP averages over ranks
         grad_norm = run.optimize(loss)

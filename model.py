@@ -33,14 +33,15 @@ class GPTConfig:
             raise ValueError(f"width {self.n_embd} is not divisible by {self.n_head} heads")
 
 
-# Named sizes. On the default (mirror) task, "medium" is the expert and a realizable student
-# (same class); "small" has one layer, cannot compose two attention lookups, and is
+# Named sizes, each with the learning rate it trains well at (smaller models take larger
+# steps). On the default (mirror) task, "medium" is the expert and a realizable student (the
+# same class); "small" has one layer, cannot compose two attention lookups, and is
 # misspecified (see data.py). "tiny" is for tests; "large" for countdown's expert.
 SIZES = {
-    "tiny": dict(n_layer=1, n_head=2, n_embd=8),
-    "small": dict(n_layer=1, n_head=1, n_embd=16),
-    "medium": dict(n_layer=2, n_head=4, n_embd=64),
-    "large": dict(n_layer=4, n_head=4, n_embd=128),
+    "tiny": dict(n_layer=1, n_head=2, n_embd=8, lr=1e-2),
+    "small": dict(n_layer=1, n_head=1, n_embd=16, lr=1e-2),
+    "medium": dict(n_layer=2, n_head=4, n_embd=64, lr=3e-3),
+    "large": dict(n_layer=4, n_head=4, n_embd=128, lr=5e-4),
 }
 
 
@@ -158,7 +159,7 @@ class GPT(nn.Module):
             mask[:, t] = ~done
             tokens[:, P + t] = nxt
             done |= nxt == end_token
-            if bool(done.all()):
+            if bool(done.all()) or t == max_new_tokens - 1:
                 break
             if use_cache:
                 pos = (n_prompt + t)[:, None]
@@ -193,7 +194,8 @@ def response_logprobs(model, prompt, prompt_valid, responses, response_mask, fus
 def make_model(size, block_size, vocab_size, **overrides):
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; choose from {sorted(SIZES)}")
-    return GPT(GPTConfig(**{**SIZES[size], **overrides}, block_size=block_size, vocab_size=vocab_size))
+    shape = {k: v for k, v in SIZES[size].items() if k != "lr"}
+    return GPT(GPTConfig(**{**shape, **overrides}, block_size=block_size, vocab_size=vocab_size))
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -39,9 +39,9 @@ def expert_dataset(expert, tok, task, prompt_texts, cfg, generator, device, scor
             h = response_hidden(expert, prompt, pvalid, resp, rmask)
             row["expert_logits"] = (h @ expert.unembedding.T).float()
         rows.append(row)
-        print(f"\rsampling expert responses: {min(i + 256, len(prompt_texts))}/{len(prompt_texts)}"
-              f" ({time.time() - t0:.0f}s)", end="", flush=True)
-    print()
+        done = min(i + 256, len(prompt_texts))
+        if done == len(prompt_texts) or (i // 256) % 20 == 19:
+            print(f"sampled {done}/{len(prompt_texts)} expert responses ({time.time() - t0:.0f}s)", flush=True)
     return collate(rows, tok)
 
 

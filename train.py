@@ -38,7 +38,7 @@ from model import SIZES, load_checkpoint, make_model, save_checkpoint, unwrap
 
 @dataclass
 class Config:
-    mode: str = "onpolicy"  # expert | sft | onpolicy
+    mode: str = "onpolicy"  # expert | base (the warm-started student) | sft | onpolicy
     task: str = "mirror"  # mirror (default) | countdown
     digits: int = 5  # mirror: prompt digits
     answer_len: int = 0  # mirror: answer digits H (0: all of them)
@@ -51,12 +51,12 @@ class Config:
     seed: int = 0  # seeds every generator (data, sampling, init); rank r adds 1000*r
     device: str = "auto"  # auto (cuda if present) | cpu | cuda
     threads: int = 0  # torch CPU threads (0: torch's default)
-    expert_steps: int = 1500  # expert: optimizer steps on ground truth
-    expert_lr: float = 3e-3  # expert: peak learning rate
-    base_steps: int = 100  # student base: warm-start SFT steps on expert samples
-    steps: int = 300  # offline and online IL: optimizer steps (the same for both)
+    expert_steps: int = 2000  # expert: optimizer steps on ground truth
+    expert_lr: float = 0.0  # expert: peak learning rate (0: the size's own, model.SIZES)
+    base_steps: int = 200  # student base: warm-start SFT steps on expert samples
+    steps: int = 500  # offline and online IL: optimizer steps (the same for both)
     batch_size: int = 64  # sequences per step, over all ranks (the same for both)
-    lr: float = 1e-3  # student: peak learning rate (cosine decay to 10%)
+    lr: float = 0.0  # student: peak learning rate, cosine decay to 10% (0: the size's own)
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # clip the gradient norm to this
     temperature: float = 1.0  # sampling temperature of expert samples and student rollouts
@@ -70,12 +70,13 @@ class Config:
     fused: bool = True  # use the fused log-prob kernels (False: naive log_softmax)
     compile: bool = False  # torch.compile the training forward
     eval_prompts: int = 256  # held-out prompts for the final evaluation
-    log_every: int = 25  # steps between progress lines
+    log_every: int = 50  # steps between progress lines
+    eval_every: int = 100  # steps between held-out reward checks (logged to metrics.jsonl)
     save_every: int = 100  # steps between checkpoints
     resume: bool = False  # continue from this run's checkpoint (step, optimizer, RNG states)
 
 
-MODES = ("expert", "sft", "onpolicy")
+MODES = ("expert", "base", "sft", "onpolicy")
 CHOICES = dict(mode=MODES, task=("mirror", "countdown"), expert_size=tuple(SIZES), student_size=tuple(SIZES),
                device=("auto", "cpu", "cuda"), sft_loss=("ce", "forward_kl"), estimator=("full", "sampled"),
                divergence=("reverse", "forward", "jsd"))
@@ -114,7 +115,7 @@ def _field_comments():
 def check(cfg):
     bad = [f"--{k.replace('_', '-')} must be >= {lo}" for k, lo in
            (("steps", 0), ("expert_steps", 0), ("base_steps", 0), ("batch_size", 1), ("eval_prompts", 1),
-            ("log_every", 1), ("save_every", 1), ("threads", 0)) if getattr(cfg, k) < lo]
+            ("log_every", 1), ("eval_every", 1), ("save_every", 1), ("threads", 0), ("lr", 0), ("expert_lr", 0)) if getattr(cfg, k) < lo]
     if not 0 <= cfg.gamma <= 1:
         bad.append("--gamma must be in [0, 1]")
     if not 0 <= cfg.mix < 1:
@@ -136,6 +137,14 @@ def build_task(cfg):
 
 
 # ----------------------------------------------------------------------------- the run
+def lr_factor(step, total, warmup=50):
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+
 class Run:
     """What every loop needs besides its algorithm: device and ranks, the optimizer and its
     schedule, progress lines and metrics.jsonl, checkpoints, --resume and Ctrl-C."""
@@ -180,9 +189,11 @@ class Run:
             if self.total == 0:
                 self.save(0)
             for step in range(self.start, self.total):
-                for group in self.opt.param_groups:  # cosine decay to 10% of the peak
-                    group["lr"] = self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, self.total))))
+                for group in self.opt.param_groups:
+                    group["lr"] = self.lr * lr_factor(step, self.total)
                 yield step
+                if self.rank == 0 and ((step + 1) % self.cfg.eval_every == 0 or step + 1 == self.total):
+                    self.log_eval(step)
                 stop = self.global_sum(torch.tensor(int(self.stop_requested))) > 0
                 if stop or (step + 1) % self.cfg.save_every == 0 or step + 1 == self.total:
                     self.save(step + 1)
@@ -236,6 +247,14 @@ class Run:
             shown = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) and k != "tok_per_s" else f"{k} {v:.0f}"
                                for k, v in metrics.items() if not k.endswith("_tokens") or k == "tok_per_s")
             print(f"{self.name} step {step + 1}/{self.total} | {shown} | eta {eta:.0f}s", flush=True)
+
+    def log_eval(self, step):
+        """Reward at temperature 1 on a fixed quarter of the held-out prompts: the curve per method."""
+        prompts = self.env["held_out"][:max(1, len(self.env["held_out"]) // 4)]
+        reward = evaluation.quick_eval(self.raw, self.env["tok"], self.env["task"], prompts, seed=step)["reward"]
+        self.raw.train()
+        with open(os.path.join(self.env["dir"], f"{self.name}.metrics.jsonl"), "a") as f:
+            f.write(json.dumps(dict(step=step + 1, eval_reward=reward)) + "\n")
 
     def save(self, step):
         rng = dict(sample=self.gather_rng(self.sample_gen), prompts=self.gather_rng(self.prompts.g) if self.prompts else None)
@@ -323,7 +342,7 @@ def get_expert(cfg, env):
         g = torch.Generator().manual_seed(cfg.seed + 1)
         answers = [sample_answer(env["task"], p, g) for p in texts]
         data = sft.ground_truth_dataset(env["tok"], env["task"], texts, answers, env["device"])
-        fit(cfg, env, "expert", expert, cfg.expert_steps, cfg.expert_lr, sft.train, data, cfg)
+        fit(cfg, env, "expert", expert, cfg.expert_steps, cfg.expert_lr or SIZES[cfg.expert_size]["lr"], sft.train, data, cfg)
     expert.eval().requires_grad_(False)  # frozen and replicated: no DDP wrapper
     return expert
 
@@ -355,15 +374,20 @@ def get_student_base(cfg, env, expert):
         torch.manual_seed(cfg.seed + 7)  # the student's init
         base = new_model(cfg, env, cfg.student_size)
         data = expert_samples(cfg, env, expert, cfg.base_steps * cfg.batch_size, cfg.seed + 2, name)
-        fit(cfg, env, name, base, cfg.base_steps, cfg.lr, sft.train, data, cfg)
+        fit(cfg, env, name, base, cfg.base_steps, student_lr(cfg), sft.train, data, cfg)
     return base
+
+
+def student_lr(cfg):
+    return cfg.lr or SIZES[cfg.student_size]["lr"]
 
 
 def run_name(cfg):
     if cfg.mode == "sft":
         return f"sft-{cfg.student_size}" + ("-fkl" if cfg.sft_loss == "forward_kl" else "")
-    extra = "".join(f"-{k}{v}" for k, v in (("est", cfg.estimator), ("div", cfg.divergence), ("mix", cfg.mix))
-                    if v != Config.__dataclass_fields__[k if k != "est" else "estimator"].default)
+    extra = (f"-{cfg.estimator}" if cfg.estimator != "full" else "") + \
+            (f"-{cfg.divergence}" if cfg.divergence != "reverse" else "") + \
+            (f"-beta{cfg.beta:g}" if cfg.divergence == "jsd" else "") + (f"-mix{cfg.mix:g}" if cfg.mix else "")
     return f"onpolicy-{cfg.student_size}-g{cfg.gamma:g}{extra}"
 
 
@@ -376,22 +400,23 @@ def main(argv=None):
         model, name = expert, "expert"
     else:
         student = get_student_base(cfg, env, expert)
-        name = run_name(cfg)
+        name = run_name(cfg) if cfg.mode != "base" else f"base-{cfg.student_size}"
         env_print(env, f"student ({cfg.student_size}): {student.n_params():,} parameters; expert "
                        f"({cfg.expert_size}): {expert.n_params():,}")
-        if cfg.mode == "sft":  # offline IL: the expert is queried before training only
+        if cfg.mode == "base":
+            model = student
+        elif cfg.mode == "sft":  # offline IL: the expert is queried before training only
             data = expert_samples(cfg, env, expert, cfg.steps * cfg.batch_size, cfg.seed + 3, name)
-            model = fit(cfg, env, name, student, cfg.steps, cfg.lr, sft.train, data, cfg, cfg.sft_loss)
+            model = fit(cfg, env, name, student, cfg.steps, student_lr(cfg), sft.train, data, cfg, cfg.sft_loss)
         else:  # online IL: the student samples, the expert scores every token
             prompts = PromptStream(env["task"], env["held_out"], seed=cfg.seed + 4 + 1000 * env["rank"])
-            model = fit(cfg, env, name, student, cfg.steps, cfg.lr, distill.train, expert, prompts, env["tok"],
+            model = fit(cfg, env, name, student, cfg.steps, student_lr(cfg), distill.train, expert, prompts, env["tok"],
                         env["task"], cfg, prompts=prompts)
     if env["rank"] == 0:
-        result = evaluation.quick_eval(model, env["tok"], env["task"], env["held_out"], seed=cfg.seed)
+        result = evaluation.evaluate(model, expert, env["tok"], env["task"], env["held_out"], seed=cfg.seed)
         with open(os.path.join(env["dir"], f"{name}.result.json"), "w") as f:
             json.dump(dict(name=name, n_params=model.n_params(), **result), f)
-        print(f"result: {name} ({model.n_params():,} params) on {cfg.task}: reward {result['reward']:.3f} "
-              f"(temperature 1), {result['reward_greedy']:.3f} (greedy) on {len(env['held_out'])} held-out prompts")
+        print(evaluation.describe(f"{name} ({model.n_params():,} params) on {cfg.task}", result, len(env["held_out"])))
     if env["world"] > 1:
         dist.destroy_process_group()
     return model

@@ -42,15 +42,15 @@ def test_mirror_verifier_hand_made():
 
 def test_countdown_verifier_hand_made():
     t = CountdownTask(n_numbers=3)
-    p = "2,3,7;20="  # (7-2)*... -> 3*7-2 = 19 no; (3+7)*2 = 20 yes
+    p = "2,3,7;20="
     assert t.reward(p, "(3+7)*2") == 1 and t.reward(p, "2*(7+3)") == 1
     assert t.reward(p, "3+7*2") == 0  # 17
     assert t.reward(p, "(3+7)*2+0") == 0  # a number not in the prompt
     assert t.reward(p, "(3+7)+(3+7)") == 0  # 3 and 7 twice, 2 never
     assert t.reward(p, "20") == 0
-    assert t.reward("4,6,8;3=", "(4+8)/6*...") == 0
-    assert t.reward("4,6,8;3=", "6/(8-4)*2") == 0 and t.reward("4,6,8;3=", "(4+8)/6") == 0
-    assert t.reward("4,6,8;3=", "8-(4+6)/... ") == 0
+    assert t.reward("4,6,8;3=", "(4+8)/6") == 0  # 2, and 8-4... never 3 this way
+    assert t.reward("1,5,8;2=", "(8-5)*1") == 0 and t.reward("1,5,8;3=", "(8-5)*1") == 1
+    assert t.reward("1,5,8;3=", "(8-5)/1") == 1 and t.reward("1,5,8;3=", "8-5") == 0  # 1 unused
 
 
 @pytest.mark.parametrize("text", ["1/0", "2,3,7", "7/(3-3)*2", "(((((", "))", "(3+7*2", "3+7)*2",
@@ -70,7 +70,7 @@ def test_countdown_ground_truth_verifies_and_is_exhaustive():
         assert len(set(answers)) == len(answers)
     # 1,2,3 -> 6 is reached by 1+2+3, 1*2*3, ... in every order
     sols = countdown_solutions((1, 2, 3))[6]
-    assert {"1+2+3", "3+2+1", "1*2*3", "(1+2)*3" if False else "1*2*3"} <= set(sols)
+    assert {"1+2+3", "3+2+1", "1*2*3", "3*2*1", "2*3*1"} <= set(sols)
     assert "(1+2)+3" not in sols  # minimal parentheses only
 
 

@@ -1,0 +1,91 @@
+"""The GPT: padding changes nothing, KV-cache sampling equals full recompute, checkpoints."""
+import os
+
+import pytest
+import torch
+
+from data import Tokenizer, encode_prompts
+from model import GPT, SIZES, GPTConfig, load_checkpoint, make_model, response_logprobs, save_checkpoint
+
+tok = Tokenizer()
+PROMPTS = ["1,2;3=", "12,7,19;100=", "5=", "3,3,3;9="]  # different lengths in one batch
+
+
+def model(seed=0, size="tiny"):
+    torch.manual_seed(seed)
+    return make_model(size, 32, tok.vocab_size).eval()
+
+
+def test_padding_changes_nothing():
+    m = model()
+    prompt, valid = encode_prompts(tok, PROMPTS)
+    batched = m(prompt, valid)
+    for i, p in enumerate(PROMPTS):
+        alone = m(*encode_prompts(tok, [p]))[0]
+        assert torch.allclose(batched[i, valid[i]], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, None), (0.7, 5), (0.0, None)])
+def test_kv_cache_sampling_equals_full_recompute(temperature, top_k):
+    m = model(size="small")
+    prompt, valid = encode_prompts(tok, PROMPTS)
+    outs = []
+    for use_cache in (True, False):
+        g = torch.Generator().manual_seed(3)
+        outs.append(m.generate(prompt, valid, 12, tok.end, tok.pad, temperature=temperature, top_k=top_k,
+                               generator=g, use_cache=use_cache))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_seeded_sampling_repeats_and_stops_at_end():
+    m = model()
+    prompt, valid = encode_prompts(tok, PROMPTS * 8)
+    a = m.generate(prompt, valid, 10, tok.end, tok.pad, generator=torch.Generator().manual_seed(1))
+    b = m.generate(prompt, valid, 10, tok.end, tok.pad, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a[0], b[0])
+    resp, mask = a
+    for r, msk in zip(resp, mask):
+        n = int(msk.sum())
+        assert msk[:n].all() and not msk[n:].any()  # real tokens are a prefix
+        assert (r[n:] == tok.pad).all()
+        ends = (r[:n] == tok.end).nonzero()
+        assert len(ends) == 0 or (len(ends) == 1 and ends[0] == n - 1)  # end is the last real token
+
+
+def test_response_logprobs_match_full_logits():
+    m = model()
+    prompt, valid = encode_prompts(tok, PROMPTS)
+    resp, mask = m.generate(prompt, valid, 6, tok.end, tok.pad, generator=torch.Generator().manual_seed(0))
+    lp = response_logprobs(m, prompt, valid, resp, mask)
+    full = torch.log_softmax(m.logits(torch.cat([prompt, resp], 1), torch.cat([valid, mask], 1)), -1)
+    P = prompt.shape[1]
+    ref = full[:, P - 1:-1].gather(2, resp[..., None]).squeeze(2)
+    assert torch.allclose(lp[mask], ref[mask], atol=1e-5) and (lp[~mask] == 0).all()
+
+
+def test_sizes_and_config_errors():
+    n = {name: make_model(name, 16, 22).n_params() for name in SIZES}
+    assert n["tiny"] < n["small"] < n["medium"] < n["large"]
+    with pytest.raises(ValueError, match="not divisible"):
+        GPTConfig(n_embd=10, n_head=3)
+    with pytest.raises(ValueError, match="n_layer must be at least 1"):
+        GPTConfig(n_layer=0)
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        make_model("tiny", 4, 22)(*encode_prompts(tok, ["12345="]))
+
+
+def test_checkpoint_atomic_and_refuses_mismatch(tmp_path):
+    m = model()
+    path = str(tmp_path / "m.pt")
+    save_checkpoint(path, m, task="mirror")
+    assert os.listdir(tmp_path) == ["m.pt"]  # no temporary file left behind
+    loaded, ck = load_checkpoint(path, expect=dict(task="mirror"))
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(ValueError, match="made for task='mirror'"):
+        load_checkpoint(path, expect=dict(task="countdown"))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(str(bad))
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
