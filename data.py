@@ -24,7 +24,6 @@ The verifiers parse untrusted model text with exact rational arithmetic; nothing
 writes ever reaches eval/exec. Any malformed answer scores 0, never an exception.
 """
 import itertools
-import math
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -320,14 +319,3 @@ class PromptStream:
             if p not in self.held_out:
                 out.append(p)
         return out
-
-
-def pass_rate(task, prompts, responses):
-    return sum(task.reward(p, r) for p, r in zip(prompts, responses)) / max(1, len(prompts))
-
-
-def n_prompts_possible(task):
-    """Size of the prompt space, to warn when held-out and training sets cannot be disjoint."""
-    if task.name == "mirror":
-        return 10 ** task.digits
-    return math.comb(task.max_number + task.n_numbers - 1, task.n_numbers)

@@ -77,14 +77,27 @@ def describe(name, result, n_prompts):
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- the experiment
-METHODS = [  # column label, train.py flags, the run name train.py gives it
-    ("expert", ["--mode", "expert"], lambda s: "expert"),
-    ("base", ["--mode", "base"], lambda s: f"base-{s}"),
-    ("offline SFT", ["--mode", "sft"], lambda s: f"sft-{s}"),
-    ("online (γ=1)", ["--mode", "onpolicy", "--gamma", "1"], lambda s: f"onpolicy-{s}-g1"),
-    ("online (γ=0)", ["--mode", "onpolicy", "--gamma", "0"], lambda s: f"onpolicy-{s}-g0"),
-]
+# ----------------------------------------------------------------------------- the experiments
+# A method is (column label, train.py flags, the run name train.py gives it for a student size).
+EXPERT = ("expert", ["--mode", "expert"], lambda s: "expert")
+BASE = ("base", ["--mode", "base"], lambda s: f"base-{s}")
+SFT = ("offline SFT", ["--mode", "sft"], lambda s: f"sft-{s}")
+
+
+def online(label, *flags, suffix=""):
+    gamma = flags[flags.index("--gamma") + 1] if "--gamma" in flags else "1"
+    return (label, ["--mode", "onpolicy", "--gamma", gamma, *[f for f in flags if f not in ("--gamma", gamma)]],
+            lambda s: f"onpolicy-{s}-g{float(gamma):g}{suffix}")
+
+
+GRID = [EXPERT, BASE, SFT, online("online (γ=1)"), online("online (γ=0)", "--gamma", "0")]
+ABLATION = [EXPERT, BASE, SFT, online("online γ=1"), online("online γ=0.5", "--gamma", "0.5"),
+            online("online γ=0", "--gamma", "0"),
+            online("sampled-token γ=0", "--gamma", "0", "--estimator", "sampled", suffix="-sampled"),
+            online("sampled-token γ=1", "--estimator", "sampled", suffix="-sampled"),
+            online("forward KL γ=1", "--divergence", "forward", suffix="-forward"),
+            online("JSD(0.5) γ=1", "--divergence", "jsd", "--beta", "0.5", suffix="-jsd-beta0.5"),
+            online("λ=0.5 mix γ=1", "--mix", "0.5", suffix="-mix0.5")]
 
 
 def run_jobs(jobs, parallel):
@@ -114,47 +127,47 @@ def run_jobs(jobs, parallel):
     return time.time() - t0
 
 
-def grid_jobs(seeds, sizes, out, train_args, methods=METHODS):
+def grid_jobs(runs, expert_size, student_sizes, methods):
+    """runs: (run dir, train.py flags) per seed/setting. Experts first, then student bases,
+    then the methods, so that every job's dependencies were submitted before it."""
     jobs = []
-    for seed in seeds:
-        d = os.path.join(out, f"seed{seed}")
-        common = ["--out-dir", d, "--seed", str(seed), *train_args]
-        for label, flags, _ in methods:  # methods are listed in dependency order
-            for size in sizes if label != "expert" else sizes[:1]:
-                deps = [(seed, "expert", sizes[0])] if label != "expert" else []
-                if label not in ("expert", "base"):
-                    deps.append((seed, "base", size))
-                jobs.append(((seed, label, size), [*flags, *common, "--student-size", size],
-                             os.path.join(d, f"{label.split()[0]}-{size}-{flags[-1]}.log"), deps))
+    for label, flags, _ in methods:
+        for d, args in runs:
+            for size in student_sizes if label != "expert" else [expert_size]:
+                deps = [] if label == "expert" else [(d, "expert", expert_size)]
+                deps += [(d, "base", size)] if label not in ("expert", "base") else []
+                log = os.path.join(d, "logs", f"{label}-{size}.log".replace(" ", "_"))
+                jobs.append(((d, label, size), [*flags, *args, "--out-dir", d, "--expert-size", expert_size,
+                                                "--student-size", size], log, deps))
     return jobs
 
 
-def read_results(out, seeds, sizes, task, methods=METHODS):
-    """{(label, size): [result per seed]} from the <name>.result.json files train.py writes."""
+def read_results(run_dirs, task, student_sizes, methods):
+    """{(label, size): [result per run dir]} from the <name>.result.json files train.py writes."""
     res = {}
-    for seed in seeds:
+    for d in run_dirs:
         for label, _, name in methods:
-            for size in sizes:
-                path = os.path.join(out, f"seed{seed}", task, f"{name(size)}.result.json")
-                with open(path) as f:
+            for size in student_sizes:
+                with open(os.path.join(d, task, f"{name(size)}.result.json")) as f:
                     res.setdefault((label, size), []).append(json.load(f))
     return res
 
 
 def mean_std(xs):
     t = torch.tensor(xs, dtype=torch.float64)
-    return f"{t.mean():.3f} ± {t.std(unbiased=len(xs) > 1) if len(xs) > 1 else 0:.3f}"
+    return f"{t.mean():.3f} ± {t.std() if len(xs) > 1 else 0:.3f}"
 
 
-def print_table(res, sizes, row_names, key="reward", methods=METHODS):
-    labels = [m[0] for m in methods]
-    width = max(len(r) for r in row_names) + 1
-    print(f"{'student size':<{width}}| " + " | ".join(f"{l:^15}" for l in labels))
-    for size, row in zip(sizes, row_names):
-        print(f"{row:<{width}}| " + " | ".join(f"{mean_std([r[key] for r in res[(l, size)]]):^15}" for l in labels))
+def print_table(corner, rows, columns, cell):
+    """rows, columns: labels; cell(row, column) -> text."""
+    width = max(len(corner), *(len(r) for r in rows)) + 1
+    widths = [max(15, len(c)) for c in columns]
+    print(f"{corner:<{width}}| " + " | ".join(f"{c:^{w}}" for c, w in zip(columns, widths)))
+    for r in rows:
+        print(f"{r:<{width}}| " + " | ".join(f"{cell(r, c):^{w}}" for c, w in zip(columns, widths)))
 
 
-def plot_curves(out, seeds, sizes, task, path):
+def plot_curves(run_dirs, task, student_sizes, methods, path):
     """Held-out reward vs step per method (optional: needs matplotlib)."""
     try:
         import matplotlib
@@ -163,56 +176,144 @@ def plot_curves(out, seeds, sizes, task, path):
     except ImportError:
         print("matplotlib is not installed: skipping the reward-vs-step plot")
         return
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
-    for ax, size in zip(axes[0], sizes):
-        for label, _, name in METHODS[2:]:
-            for i, seed in enumerate(seeds):
-                with open(os.path.join(out, f"seed{seed}", task, f"{name(size)}.metrics.jsonl")) as f:
+    fig, axes = plt.subplots(1, len(student_sizes), figsize=(6 * len(student_sizes), 4), squeeze=False)
+    for ax, size in zip(axes[0], student_sizes):
+        for j, (label, _, name) in enumerate(methods):
+            if label in ("expert", "base"):
+                continue
+            for i, d in enumerate(run_dirs):
+                with open(os.path.join(d, task, f"{name(size)}.metrics.jsonl")) as f:
                     pts = [json.loads(l) for l in f if "eval_reward" in l]
-                ax.plot([p["step"] for p in pts], [p["eval_reward"] for p in pts], color=f"C{METHODS.index((label, _, name))}",
-                        alpha=0.8, label=label if i == 0 else None)
-        ax.set(title=f"student: {size}", xlabel="step", ylabel="held-out reward", ylim=(-0.02, 1.02))
+                ax.plot([p["step"] for p in pts], [p["eval_reward"] for p in pts], color=f"C{j}", alpha=0.8,
+                        label=label if i == 0 else None)
+        ax.set(title=f"student: {size}", xlabel="step", ylabel="held-out reward (temperature 1)", ylim=(-0.02, 1.02))
         ax.legend()
     fig.savefig(path, dpi=100, bbox_inches="tight")
     print(f"wrote {path}")
 
 
+def grid(a, train_args):
+    """The paper's table: expert vs offline vs online IL, realizable and misspecified students."""
+    expert_size, *small = a.sizes.split(",")
+    sizes, dirs = [expert_size, *small], [os.path.join(a.out_dir, f"seed{s}") for s in range(a.seeds)]
+    runs = [(d, ["--seed", str(s), *train_args]) for s, d in enumerate(dirs)]
+    wall = run_jobs(grid_jobs(runs, expert_size, sizes, GRID), a.jobs)
+    res = read_results(dirs, a.task, sizes, GRID)
+    rows = {f"{expert_size}: same as expert (realizable)": expert_size,
+            **{f"{s}: smaller (misspecified)": s for s in small}}
+    for key, what in (("reward", "held-out reward at temperature 1"), ("rev_kl", "sequence-level KL(student || expert)"),
+                      ("fwd_kl", "sequence-level KL(expert || student)"), ("coverage", "valid answers per prompt in 8 samples")):
+        print(f"\n{a.task}: {what}, mean ± std over {a.seeds} seeds ({wall / 60:.1f} min wall, {a.jobs} jobs)")
+        print_table("student size", list(rows), [m[0] for m in GRID],
+                    lambda r, c: mean_std([x[key] for x in res[(c, rows[r])]]))
+    with open(os.path.join(a.out_dir, "results.json"), "w") as f:
+        json.dump({f"{l}|{s}": v for (l, s), v in res.items()}, f)
+    plot_curves(dirs, a.task, sizes, GRID, os.path.join(a.out_dir, "reward_vs_step.png"))
+
+
+def ablation(a, train_args):
+    """Which ingredient carries online IL's win on the misspecified student."""
+    expert_size, small = a.sizes.split(",")[:2]
+    dirs = [os.path.join(a.out_dir, f"seed{s}") for s in range(a.seeds)]
+    runs = [(d, ["--seed", str(s), *train_args]) for s, d in enumerate(dirs)]
+    wall = run_jobs(grid_jobs(runs, expert_size, [small], ABLATION), a.jobs)
+    res = read_results(dirs, a.task, [small], ABLATION)
+    print(f"\n{a.task}, student {small} (misspecified), mean ± std over {a.seeds} seeds ({wall / 60:.1f} min wall)")
+    keys = ["reward", "rev_kl", "fwd_kl", "coverage"]
+    print_table("method", [m[0] for m in ABLATION], keys, lambda r, c: mean_std([x[c] for x in res[(r, small)]]))
+
+
+def horizon(a, train_args):
+    """Reward vs response length H: mirror with a fixed 8-digit prompt, H digits read back."""
+    expert_size, *small = a.sizes.split(",")
+    sizes, hs = [expert_size, *small], [int(h) for h in a.horizons.split(",")]
+    runs = {(h, s): (os.path.join(a.out_dir, f"H{h}", f"seed{s}"),
+                     ["--seed", str(s), "--digits", str(max(hs)), "--answer-len", str(h), *train_args])
+            for h in hs for s in range(a.seeds)}
+    wall = run_jobs(grid_jobs(list(runs.values()), expert_size, sizes, GRID), a.jobs)
+    for size in sizes:
+        kind = "realizable" if size == expert_size else "misspecified"
+        print(f"\nmirror ({max(hs)} digits), student {size} ({kind}): held-out reward, mean ± std over "
+              f"{a.seeds} seeds ({wall / 60:.1f} min wall for the sweep)")
+        res = {h: read_results([runs[(h, s)][0] for s in range(a.seeds)], "mirror", [size], GRID) for h in hs}
+        print_table("H", [str(h) for h in hs], [m[0] for m in GRID],
+                    lambda r, c: mean_std([x["reward"] for x in res[int(r)][(c, size)]]))
+
+
+def toy(K=10, eps=0.01):
+    """The information-theoretic bottleneck at H=1, exactly. The expert is a known
+    distribution over K answers: the two correct ones sit at the ends of a 1-D embedding
+    order (probability (1-eps)/2 each), the wrong ones in between share eps. The student
+    class is q_s(k) ∝ exp(s * e_k) with fixed e_k = linspace(-1, 1, K): it can put its mass
+    on one end, or spread it, but never on both ends at once. Offline IL with infinite data
+    converges to the forward-KL projection, online IL to the reverse-KL projection; both are
+    found here by minimising over s on a fine grid, then refined by Newton's method."""
+    e = torch.linspace(-1, 1, K, dtype=torch.float64)
+    p = torch.full((K,), eps / (K - 2), dtype=torch.float64)
+    p[0] = p[-1] = (1 - eps) / 2
+    correct = torch.zeros(K, dtype=torch.bool)
+    correct[[0, -1]] = True
+
+    def q(s):
+        return torch.softmax(s * e, 0)
+
+    def fwd(s):
+        return (p * (p.log() - q(s).log())).sum()
+
+    def rev(s):
+        return (q(s) * (q(s).log() - p.log())).sum()
+
+    out = {}
+    for name, f in (("forward KL (offline IL)", fwd), ("reverse KL (online IL)", rev)):
+        grid_s = torch.linspace(-60, 60, 24001, dtype=torch.float64)
+        s = grid_s[torch.stack([f(x) for x in grid_s]).argmin()].clone()
+        for _ in range(20):  # Newton steps on the 1-D objective
+            s.requires_grad_(True)
+            g, = torch.autograd.grad(f(s), s, create_graph=True)
+            h, = torch.autograd.grad(g, s)
+            s = (s - g / h if h > 0 else s).detach()
+        qs = q(s)
+        out[name] = dict(s=s.item(), reward=qs[correct].sum().item(), fwd_kl=fwd(s).item(), rev_kl=rev(s).item())
+    return out
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a checkpoint, or run the realizability grid.")
+    p = argparse.ArgumentParser(description="Evaluate a checkpoint, or run one of the experiments.")
     p.add_argument("checkpoint", nargs="?", help="a student checkpoint to evaluate against its expert")
-    p.add_argument("--grid", action="store_true", help="train and evaluate expert, SFT and online students")
-    p.add_argument("--seeds", type=int, default=3, help="grid: seeds 0..N-1")
-    p.add_argument("--jobs", type=int, default=2, help="grid: training runs in parallel")
-    p.add_argument("--task", default="mirror", help="grid: task")
-    p.add_argument("--sizes", default="medium,small", help="grid: expert size first, then the misspecified size")
-    p.add_argument("--out-dir", default="out/grid", help="grid: where runs go")
-    p.add_argument("--train-args", default="", help="grid: extra flags for every train.py run, quoted")
+    p.add_argument("--grid", action="store_true", help="the realizability table: expert, SFT, online students")
+    p.add_argument("--ablation", action="store_true", help="the ingredients of online IL, misspecified student")
+    p.add_argument("--horizon", action="store_true", help="reward vs response length H")
+    p.add_argument("--toy", action="store_true", help="the exact H=1 forward vs reverse KL projections")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--jobs", type=int, default=2, help="training runs in parallel")
+    p.add_argument("--task", default="mirror", help="task (grid, ablation)")
+    p.add_argument("--sizes", default="medium,small", help="the expert's size, then the misspecified size(s)")
+    p.add_argument("--horizons", default="1,2,4,8", help="horizon: the values of H")
+    p.add_argument("--out-dir", default="", help="where runs go (default out/<experiment>)")
+    p.add_argument("--train-args", default="", help="extra flags for every train.py run, quoted")
     a = p.parse_args(argv)
-    if a.grid:
-        sizes, seeds = a.sizes.split(","), list(range(a.seeds))
-        train_args = ["--task", a.task, "--expert-size", sizes[0], *a.train_args.split()]
-        wall = run_jobs(grid_jobs(seeds, sizes, a.out_dir, train_args), a.jobs)
-        res = read_results(a.out_dir, seeds, sizes, a.task)
-        rows = [f"{sizes[0]}: same as expert (realizable)"] + [f"{s}: smaller (misspecified)" for s in sizes[1:]]
-        print(f"\n{a.task}: held-out reward at temperature 1, mean ± std over {len(seeds)} seeds "
-              f"({wall / 60:.1f} min wall, {a.jobs} jobs)")
-        print_table(res, sizes, rows)
-        for key in ("rev_kl", "fwd_kl", "coverage"):
-            print(f"\n{key}:")
-            print_table(res, sizes, rows, key)
-        with open(os.path.join(a.out_dir, "results.json"), "w") as f:
-            json.dump({f"{l}|{s}": v for (l, s), v in res.items()}, f)
-        plot_curves(a.out_dir, seeds, sizes, a.task, os.path.join(a.out_dir, "reward_vs_step.png"))
+    experiments = [k for k in ("grid", "ablation", "horizon") if getattr(a, k)]
+    if len(experiments) > 1:
+        p.error("choose one of --grid, --ablation, --horizon")
+    if experiments:
+        a.out_dir = a.out_dir or os.path.join("out", experiments[0])
+        train_args = ["--task", a.task, *a.train_args.split()] if experiments[0] != "horizon" else a.train_args.split()
+        {"grid": grid, "ablation": ablation, "horizon": horizon}[experiments[0]](a, train_args)
+    elif a.toy:
+        res = toy()
+        print("exact H=1 toy: expert = two correct answers at the ends of a 1-D order, student q_s(k) ∝ exp(s e_k)")
+        print_table("projection", list(res), ["s", "reward", "fwd_kl", "rev_kl"], lambda r, c: f"{res[r][c]:.3f}")
     elif a.checkpoint:
-        from model import load_checkpoint
         from data import Tokenizer, eval_prompts, make_task
+        from model import load_checkpoint
         model, ck = load_checkpoint(a.checkpoint)
         expert, _ = load_checkpoint(os.path.join(os.path.dirname(a.checkpoint), "expert.pt"), expect=dict(task=ck["task"]))
-        tok, task = Tokenizer(), make_task(ck["task"]["name"], **{k: v for k, v in ck["task"].items() if k != "name"})
+        tok = Tokenizer()
+        task = make_task(ck["task"]["name"], **{k: v for k, v in ck["task"].items() if k != "name"})
         prompts = eval_prompts(task, ck["config"]["eval_prompts"], seed=10_000 + ck["seed"])
         print(describe(a.checkpoint, evaluate(model, expert, tok, task, prompts, seed=ck["seed"]), len(prompts)))
     else:
-        p.error("give a checkpoint, or --grid")
+        p.error("give a checkpoint, or one of --grid, --ablation, --horizon, --toy")
 
 
 if __name__ == "__main__":

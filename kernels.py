@@ -121,36 +121,43 @@ class _TokenDivergence(torch.autograd.Function):
             with torch.no_grad():
                 return _logits(expert_h, expert_W, v0, v1, temperature)
 
-        # pass 1: both normalisers by online logsumexp
+        # pass 1: both normalisers by online logsumexp. For reverse/forward KL the same pass
+        # also keeps the running sum A = sum_j exp(z_j - m) (z_j - z'_j) of the distribution
+        # being averaged over, rescaled whenever its max moves, because
+        #   KL(q||p) = sum_j q_j (zs_j - ze_j) - lse_s + lse_e = A_s / S_s - lse_s + lse_e
+        # so these two kinds need a single GEMM per block in the forward.
         ms = torch.full((N,), -math.inf, device=h.device); ss = torch.zeros(N, device=h.device)
         me = torch.full((N,), -math.inf, device=h.device); se = torch.zeros(N, device=h.device)
+        acc = torch.zeros(N, device=h.device)
         for v0 in range(0, V, block):
             v1 = min(V, v0 + block)
             zs, ze = _logits(h, W, v0, v1, temperature), expert_block(v0, v1)
             ms_new = torch.maximum(ms, zs.max(1).values)
-            ss = ss * torch.exp(ms - ms_new) + torch.exp(zs - ms_new[:, None]).sum(1)
-            ms = ms_new
             me_new = torch.maximum(me, ze.max(1).values)
             me_safe = torch.where(torch.isfinite(me_new), me_new, 0.0)  # a block of all -inf
-            se = se * torch.exp(me - me_safe) + torch.exp(ze - me_safe[:, None]).sum(1)
-            me = me_new
-        lse_s, lse_e = ms + torch.log(ss), me + torch.log(se)
-        # pass 2: the divergence itself, block by block, from normalised log-probs
-        div = torch.zeros(N, device=h.device)
-        c = torch.zeros(N, device=h.device)  # <q, dD/dq> for the JSD backward
-        for v0 in range(0, V, block):
-            v1 = min(V, v0 + block)
-            logq = _logits(h, W, v0, v1, temperature) - lse_s[:, None]
-            logp = expert_block(v0, v1) - lse_e[:, None]
-            q, p = logq.exp(), logp.exp()
+            es, ee = torch.exp(zs - ms_new[:, None]), torch.exp(ze - me_safe[:, None])
             if kind == "reverse":
-                div += _xlogy_diff(q, logq, logp).sum(1)
+                acc = acc * torch.exp(ms - ms_new) + torch.where(es > 0, es * (zs - ze), 0.0).sum(1)
             elif kind == "forward":
-                div += _xlogy_diff(p, logp, logq).sum(1)
-            else:
+                acc = acc * torch.exp(me - me_safe) + torch.where(ee > 0, ee * (ze - zs), 0.0).sum(1)
+            ss = ss * torch.exp(ms - ms_new) + es.sum(1)
+            se = se * torch.exp(me - me_safe) + ee.sum(1)
+            ms, me = ms_new, me_new
+        lse_s, lse_e = ms + torch.log(ss), me + torch.log(se)
+        c = torch.zeros(N, device=h.device)  # <q, dD/dq>, for the JSD backward
+        if kind == "reverse":
+            div = acc / ss - lse_s + lse_e
+        elif kind == "forward":
+            div = acc / se - lse_e + lse_s
+        else:  # pass 2 (JSD): the mixture needs both normalised distributions first
+            div = torch.zeros(N, device=h.device)
+            for v0 in range(0, V, block):
+                v1 = min(V, v0 + block)
+                logq = _logits(h, W, v0, v1, temperature) - lse_s[:, None]
+                logp = expert_block(v0, v1) - lse_e[:, None]
                 logm = torch.logaddexp(logp + math.log(beta), logq + math.log(1 - beta))
-                kl_qm = _xlogy_diff(q, logq, logm).sum(1)
-                div += beta * _xlogy_diff(p, logp, logm).sum(1) + (1 - beta) * kl_qm
+                kl_qm = _xlogy_diff(logq.exp(), logq, logm).sum(1)
+                div += beta * _xlogy_diff(logp.exp(), logp, logm).sum(1) + (1 - beta) * kl_qm
                 c += (1 - beta) * kl_qm
         ctx.save_for_backward(h, W, expert_logits, expert_h, expert_W, lse_s, lse_e, div, c)
         ctx.kind, ctx.beta, ctx.temperature, ctx.block = kind, beta, temperature, block

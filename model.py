@@ -142,7 +142,9 @@ class GPT(nn.Module):
         if use_cache:
             hs = self.cfg.n_embd // self.cfg.n_head
             shape = (B, self.cfg.n_head, P + max_new_tokens, hs)
-            cache = [(torch.empty(shape, device=dev), torch.empty(shape, device=dev)) for _ in self.blocks]
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.float32
+            cache = [(torch.empty(shape, device=dev, dtype=dtype), torch.empty(shape, device=dev, dtype=dtype))
+                     for _ in self.blocks]
             h = self(prompt, prompt_valid, cache, 0)[:, -1]
         for t in range(max_new_tokens):
             if not use_cache:  # the reference: recompute the whole prefix every step
@@ -191,11 +193,20 @@ def response_logprobs(model, prompt, prompt_valid, responses, response_mask, fus
     return token_logprobs(h.flatten(0, 1), unwrap(model).unembedding, targets.flatten(), fused=fused).view(responses.shape)
 
 
-def make_model(size, block_size, vocab_size, **overrides):
-    if size not in SIZES:
-        raise ValueError(f"unknown model size {size!r}; choose from {sorted(SIZES)}")
-    shape = {k: v for k, v in SIZES[size].items() if k != "lr"}
-    return GPT(GPTConfig(**{**shape, **overrides}, block_size=block_size, vocab_size=vocab_size))
+def size_spec(size):
+    """A named size, or 'LxWxH' (layers x width x heads, e.g. 1x16x1) with lr 3e-3."""
+    if size in SIZES:
+        return SIZES[size]
+    try:
+        n_layer, n_embd, n_head = (int(x) for x in size.split("x"))
+    except ValueError:
+        raise ValueError(f"unknown model size {size!r}; choose from {sorted(SIZES)} or LxWxH") from None
+    return dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, lr=3e-3)
+
+
+def make_model(size, block_size, vocab_size):
+    shape = {k: v for k, v in size_spec(size).items() if k != "lr"}
+    return GPT(GPTConfig(**shape, block_size=block_size, vocab_size=vocab_size))
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -30,8 +30,8 @@ def expert_dataset(expert, tok, task, prompt_texts, cfg, generator, device, scor
     """Responses sampled from the expert at cfg.temperature, one per prompt (and, with
     score=True, the expert's logits at each of its states, for word-level distillation)."""
     rows, t0 = [], time.time()
-    for i in range(0, len(prompt_texts), 256):
-        prompt, pvalid = encode_prompts(tok, prompt_texts[i:i + 256], device)
+    for i in range(0, len(prompt_texts), 1024):
+        prompt, pvalid = encode_prompts(tok, prompt_texts[i:i + 1024], device)
         resp, rmask = expert.generate(prompt, pvalid, task.max_response_len + 1, tok.end, tok.pad,
                                       temperature=cfg.temperature, generator=generator)
         row = dict(prompt=prompt, prompt_valid=pvalid, response=resp, response_mask=rmask)
@@ -39,8 +39,8 @@ def expert_dataset(expert, tok, task, prompt_texts, cfg, generator, device, scor
             h = response_hidden(expert, prompt, pvalid, resp, rmask)
             row["expert_logits"] = (h @ expert.unembedding.T).float()
         rows.append(row)
-        done = min(i + 256, len(prompt_texts))
-        if done == len(prompt_texts) or (i // 256) % 20 == 19:
+        done = min(i + 1024, len(prompt_texts))
+        if done == len(prompt_texts) or (i // 1024) % 20 == 19:
             print(f"sampled {done}/{len(prompt_texts)} expert responses ({time.time() - t0:.0f}s)", flush=True)
     return collate(rows, tok)
 

@@ -1,5 +1,4 @@
 """Online IL's maths: the two-part gradient is the exact gradient of the sequence-level KL."""
-import itertools
 
 import torch
 

@@ -87,9 +87,10 @@ def test_token_divergence_matches_float64(kind, beta, block, expert_as_hidden):
     h.grad = W.grad = None
     ref = naive_divergence(h.double() @ W.double().T / 0.8, ze.double() / 0.8, kind, beta)
     (ref * up.double()).sum().backward()
-    assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-4)
-    assert torch.allclose(gh.double(), h.grad.double(), atol=1e-5, rtol=1e-4)
-    assert torch.allclose(gW.double(), W.grad.double(), atol=1e-5, rtol=1e-4)
+    # absolute tolerances at fp32 rounding of the largest entry: KL values cancel
+    assert (out.double() - ref).abs().max() < 2e-6 * ref.abs().max().clamp(min=1)
+    for mine, theirs in ((gh, h.grad), (gW, W.grad)):
+        assert (mine.double() - theirs.double()).abs().max() < 1e-5 * theirs.abs().max().clamp(min=1)
 
 
 def test_divergence_endpoints_and_definition():

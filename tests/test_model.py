@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from data import Tokenizer, encode_prompts
-from model import GPT, SIZES, GPTConfig, load_checkpoint, make_model, response_logprobs, save_checkpoint
+from model import SIZES, GPTConfig, load_checkpoint, make_model, response_logprobs, save_checkpoint
 
 tok = Tokenizer()
 PROMPTS = ["1,2;3=", "12,7,19;100=", "5=", "3,3,3;9="]  # different lengths in one batch

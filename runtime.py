@@ -1,0 +1,204 @@
+"""What every training loop needs besides its algorithm, in one place.
+
+setup(cfg) -> env: device (CUDA when present), torch.distributed ranks when launched by
+    torchrun (gloo on CPU, NCCL on CUDA), threads, output folder, tokenizer, task, held-out
+    prompts.
+Run: the optimizer and its schedule, progress lines and metrics.jsonl, atomic checkpoints with
+    RNG states (--resume continues exactly), Ctrl-C (save at the end of the step, then exit),
+    and a non-finite loss (stop, keep the last good checkpoint).
+The loops in sft.py and distill.py receive a Run and hold only the algorithm.
+"""
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+import zlib
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+import eval as evaluation
+from data import Tokenizer, eval_prompts, make_task
+from model import load_checkpoint, make_model, save_checkpoint
+
+
+def build_task(cfg):
+    if cfg.task == "mirror":
+        return make_task("mirror", digits=cfg.digits, answer_len=cfg.answer_len)
+    return make_task("countdown", n_numbers=cfg.n_numbers, max_number=cfg.max_number, max_target=cfg.max_target)
+
+
+def setup(cfg):
+    """Device, distributed ranks (torchrun sets RANK/WORLD_SIZE), threads, output folder."""
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cfg.batch_size % world:
+            raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {world} ranks")
+    device = f"cuda:{local}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tok, task = Tokenizer(), build_task(cfg)
+    out = os.path.join(cfg.out_dir, cfg.task)
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write to output folder {out}: {e.strerror}") from None
+    torch.manual_seed(cfg.seed)
+    block_size = 1 + task.max_prompt_len + task.max_response_len + 1  # bos ... end
+    if cfg.block_size and cfg.block_size < block_size:
+        raise ValueError(f"--block-size {cfg.block_size} is shorter than this task's prompt + response "
+                         f"({block_size} tokens)")
+    block_size = cfg.block_size or block_size
+    for size in (cfg.expert_size, cfg.student_size):  # a bad size fails now, not after training
+        make_model(size, block_size, tok.vocab_size)
+    return dict(device=device, rank=rank, world=world, dir=out, tok=tok, task=task, block_size=block_size,
+                task_id=dict(asdict(task)), held_out=eval_prompts(task, cfg.eval_prompts, seed=10_000 + cfg.seed))
+
+
+def lr_factor(step, total, warmup=50):
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+
+class Run:
+    """What every loop needs besides its algorithm: device and ranks, the optimizer and its
+    schedule, progress lines and metrics.jsonl, checkpoints, --resume and Ctrl-C."""
+
+    def __init__(self, cfg, env, name, model, total_steps, lr):
+        self.cfg, self.env, self.name, self.total = cfg, env, name, total_steps
+        self.device, self.rank, self.world = env["device"], env["rank"], env["world"]
+        self.path = os.path.join(env["dir"], f"{name}.pt")
+        self.raw = model
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        self.lr = lr
+        seed = cfg.seed + 1000 * self.rank + zlib.crc32(name.encode()) % 997
+        self.sample_gen = torch.Generator(self.device).manual_seed(seed)
+        self.prompts = None  # a PromptStream whose generator is checkpointed, set by the caller
+        self.start, self.totals, self.stop_requested, self.t0 = 0, {}, False, time.time()
+        self.model = model
+        if self.world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(model)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+
+    def resume_if_asked(self):
+        if not (self.cfg.resume and os.path.exists(self.path)):
+            return
+        _, ck = load_checkpoint(self.path, expect=self.identity(), device=self.device)
+        self.raw.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sample_gen.set_state(ck["rng"]["sample"][self.rank].cpu())
+        if self.prompts is not None:
+            self.prompts.g.set_state(ck["rng"]["prompts"][self.rank])
+        self.start, self.totals = ck["step"], ck["totals"]
+        self.print(f"resumed {self.path} at step {self.start}")
+
+    def identity(self):
+        return dict(task=self.env["task_id"], tokenizer=self.env["tok"].identity,
+                    model_args=asdict(self.raw.cfg), name=self.name)
+
+    def steps(self):
+        """Yield step numbers; save every save_every steps, on Ctrl-C, and at the end."""
+        old = signal.signal(signal.SIGINT, self._on_sigint) if self.rank == 0 else None
+        try:
+            if self.total == 0:
+                self.save(0)
+            for step in range(self.start, self.total):
+                for group in self.opt.param_groups:
+                    group["lr"] = self.lr * lr_factor(step, self.total)
+                yield step
+                if self.rank == 0 and ((step + 1) % self.cfg.eval_every == 0 or step + 1 == self.total):
+                    self.log_eval(step)
+                stop = self.global_sum(torch.tensor(int(self.stop_requested))) > 0
+                if stop or (step + 1) % self.cfg.save_every == 0 or step + 1 == self.total:
+                    self.save(step + 1)
+                if stop:
+                    self.print(f"interrupted: saved {self.path} at step {step + 1}; continue with --resume")
+                    raise SystemExit(130)
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
+
+    def _on_sigint(self, *_):
+        if self.stop_requested:  # a second Ctrl-C stops at once (the last checkpoint stays)
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        print("\nCtrl-C: saving at the end of this step (again to abort)", flush=True)
+
+    def optimize(self, loss):
+        if not torch.isfinite(loss):
+            raise ValueError(f"non-finite loss ({loss.item()}) in {self.name}; "
+                             f"the last good checkpoint is kept ({self.path})")
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return norm.item()
+
+    def global_sum(self, x):
+        x = torch.as_tensor(x, device=self.device).clone()
+        if self.world > 1:
+            dist.all_reduce(x)
+        return x
+
+    def autocast(self):
+        if "cuda" in str(self.device):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def log(self, step, **metrics):
+        for k, v in metrics.items():
+            if k.endswith("_tokens"):
+                self.totals[k] = self.totals.get(k, 0) + v
+        if self.rank != 0:
+            return
+        rec = dict(step=step + 1, **metrics, **{f"total_{k}": v for k, v in self.totals.items()},
+                   elapsed=time.time() - self.t0)
+        with open(os.path.join(self.env["dir"], f"{self.name}.metrics.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.total:
+            done = step + 1 - self.start
+            eta = (time.time() - self.t0) / done * (self.total - step - 1)
+            shown = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) and k != "tok_per_s" else f"{k} {v:.0f}"
+                               for k, v in metrics.items() if not k.endswith("_tokens") or k == "tok_per_s")
+            print(f"{self.name} step {step + 1}/{self.total} | {shown} | eta {eta:.0f}s", flush=True)
+
+    def log_eval(self, step):
+        """Reward at temperature 1 on a fixed quarter of the held-out prompts: the curve per method."""
+        prompts = self.env["held_out"][:max(1, len(self.env["held_out"]) // 4)]
+        reward = evaluation.quick_eval(self.raw, self.env["tok"], self.env["task"], prompts, seed=step)["reward"]
+        self.raw.train()
+        with open(os.path.join(self.env["dir"], f"{self.name}.metrics.jsonl"), "a") as f:
+            f.write(json.dumps(dict(step=step + 1, eval_reward=reward)) + "\n")
+
+    def save(self, step):
+        rng = dict(sample=self.gather_rng(self.sample_gen), prompts=self.gather_rng(self.prompts.g) if self.prompts else None)
+        if self.rank != 0:
+            return
+        save_checkpoint(self.path, self.raw, optimizer=self.opt.state_dict(), step=step, total=self.total, totals=self.totals,
+                        config=asdict(self.cfg), seed=self.cfg.seed, rng=rng, **self.identity())
+
+    def gather_rng(self, g):
+        states = [g.get_state()]
+        if self.world > 1:  # every rank's generator state, so each rank resumes its own stream
+            states = [None] * self.world
+            dist.all_gather_object(states, g.get_state())
+        return states
+
+    def print(self, *a):
+        if self.rank == 0:
+            print(*a, flush=True)

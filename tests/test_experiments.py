@@ -1,0 +1,62 @@
+"""The experiments in eval.py: the exact H=1 toy, and that every grid job is what it claims."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import eval as experiments
+from data import MirrorTask
+from train import parse_args, run_name
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_toy_forward_projection_is_uniform_reverse_picks_one_mode():
+    K, eps = 10, 0.01
+    res = experiments.toy(K, eps)
+    fwd, rev = res["forward KL (offline IL)"], res["reverse KL (online IL)"]
+    # by symmetry the forward projection matches the expert's mean embedding (0): s = 0, uniform
+    assert abs(fwd["s"]) < 1e-6 and abs(fwd["reward"] - 2 / K) < 1e-9
+    # its forward KL is then KL(p || uniform) = log K - H(p), by hand
+    p = [(1 - eps) / 2] * 2 + [eps / (K - 2)] * (K - 2)
+    assert abs(fwd["fwd_kl"] - (math.log(K) + sum(x * math.log(x) for x in p))) < 1e-9
+    # the reverse projection commits to one correct answer despite a large forward KL
+    assert rev["reward"] > 0.99 and rev["fwd_kl"] > 10 * fwd["fwd_kl"] and rev["rev_kl"] < fwd["rev_kl"]
+    # and is a stationary point no worse than committing fully (its KL is below -log p_end)
+    assert rev["rev_kl"] < -math.log((1 - eps) / 2)
+
+
+@pytest.mark.parametrize("method", experiments.ABLATION + experiments.GRID, ids=lambda m: m[0])
+def test_every_method_names_the_run_train_py_makes(method):
+    label, flags, name = method
+    cfg = parse_args([*flags, "--student-size", "small"])
+    expected = {"expert": "expert", "base": "base-small"}.get(cfg.mode) or run_name(cfg)
+    assert name("small") == expected
+
+
+def test_grid_jobs_come_after_their_dependencies():
+    runs = [(f"d{s}", ["--seed", str(s)]) for s in range(2)]
+    jobs = experiments.grid_jobs(runs, "medium", ["medium", "small"], experiments.GRID)
+    seen = set()
+    for key, argv, log, deps in jobs:
+        assert all(d in seen for d in deps), key
+        seen.add(key)
+    assert len(jobs) == 2 * (1 + 2 * 4)
+
+
+def test_horizon_task_has_two_answers_at_every_h():
+    for h in (1, 2, 4, 8):
+        t = MirrorTask(digits=8, answer_len=h)
+        assert t.answers("12345678=") == sorted({"12345678"[:h], "87654321"[:h]}) and len(t.answers("12345678=")) == 2
+
+
+def test_toy_command_prints_the_table():
+    out = subprocess.run([sys.executable, "eval.py", "--toy"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "reverse KL (online IL)" in out.stdout
+
+
+def test_eval_cli_errors_are_one_line():
+    out = subprocess.run([sys.executable, "eval.py", "/no/such.pt"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and out.stderr.strip() == "error: /no/such.pt: no such checkpoint"
