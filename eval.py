@@ -102,16 +102,20 @@ ABLATION = [EXPERT, BASE, SFT, online("online γ=1"), online("online γ=0.5", "-
 
 def run_jobs(jobs, parallel):
     """Run train.py jobs, `parallel` at a time, one torch thread each (fastest at these
-    sizes). jobs: (key, argv, log_path, keys it waits for), listed dependencies first, so a
-    worker only ever waits on a job that is already running."""
+    sizes). jobs: (key, argv, log_path, keys it waits for, result file), listed dependencies
+    first, so a worker only ever waits on a job that is already running. A job whose result
+    file exists is skipped, so an interrupted experiment continues where it stopped."""
     import subprocess
     import time
     from concurrent.futures import ThreadPoolExecutor
     futures, t0 = {}, time.time()
 
-    def one(key, argv, log, deps):
+    def one(key, argv, log, deps, done_file):
         for d in deps:
             futures[d].result()
+        if os.path.exists(done_file):  # finished earlier (a rerun, or a shared run): keep it
+            print(f"[{time.time() - t0:5.0f}s] already done: {key}", flush=True)
+            return
         os.makedirs(os.path.dirname(log), exist_ok=True)
         with open(log, "w") as f:
             rc = subprocess.call([sys.executable, "train.py", "--threads", "1", *argv], stdout=f, stderr=subprocess.STDOUT)
@@ -120,25 +124,26 @@ def run_jobs(jobs, parallel):
         print(f"[{time.time() - t0:5.0f}s] done: {key}", flush=True)
 
     with ThreadPoolExecutor(parallel) as pool:
-        for key, argv, log, deps in jobs:
-            futures[key] = pool.submit(one, key, argv, log, deps)
+        for job in jobs:
+            futures[job[0]] = pool.submit(one, *job)
         for f in futures.values():
             f.result()
     return time.time() - t0
 
 
-def grid_jobs(runs, expert_size, student_sizes, methods):
+def grid_jobs(runs, task, expert_size, student_sizes, methods):
     """runs: (run dir, train.py flags) per seed/setting. Experts first, then student bases,
     then the methods, so that every job's dependencies were submitted before it."""
     jobs = []
-    for label, flags, _ in methods:
+    for label, flags, name in methods:
         for d, args in runs:
             for size in student_sizes if label != "expert" else [expert_size]:
                 deps = [] if label == "expert" else [(d, "expert", expert_size)]
                 deps += [(d, "base", size)] if label not in ("expert", "base") else []
                 log = os.path.join(d, "logs", f"{label}-{size}.log".replace(" ", "_"))
                 jobs.append(((d, label, size), [*flags, *args, "--out-dir", d, "--expert-size", expert_size,
-                                                "--student-size", size], log, deps))
+                                                "--student-size", size], log, deps,
+                             os.path.join(d, task, f"{name(size)}.result.json")))
     return jobs
 
 
@@ -197,7 +202,7 @@ def grid(a, train_args):
     expert_size, *small = a.sizes.split(",")
     sizes, dirs = [expert_size, *small], [os.path.join(a.out_dir, f"seed{s}") for s in range(a.seeds)]
     runs = [(d, ["--seed", str(s), *train_args]) for s, d in enumerate(dirs)]
-    wall = run_jobs(grid_jobs(runs, expert_size, sizes, GRID), a.jobs)
+    wall = run_jobs(grid_jobs(runs, a.task, expert_size, sizes, GRID), a.jobs)
     res = read_results(dirs, a.task, sizes, GRID)
     rows = {f"{expert_size}: same as expert (realizable)": expert_size,
             **{f"{s}: smaller (misspecified)": s for s in small}}
@@ -216,7 +221,7 @@ def ablation(a, train_args):
     expert_size, small = a.sizes.split(",")[:2]
     dirs = [os.path.join(a.out_dir, f"seed{s}") for s in range(a.seeds)]
     runs = [(d, ["--seed", str(s), *train_args]) for s, d in enumerate(dirs)]
-    wall = run_jobs(grid_jobs(runs, expert_size, [small], ABLATION), a.jobs)
+    wall = run_jobs(grid_jobs(runs, a.task, expert_size, [small], ABLATION), a.jobs)
     res = read_results(dirs, a.task, [small], ABLATION)
     print(f"\n{a.task}, student {small} (misspecified), mean ± std over {a.seeds} seeds ({wall / 60:.1f} min wall)")
     keys = ["reward", "rev_kl", "fwd_kl", "coverage"]
@@ -230,7 +235,7 @@ def horizon(a, train_args):
     runs = {(h, s): (os.path.join(a.out_dir, f"H{h}", f"seed{s}"),
                      ["--seed", str(s), "--digits", str(max(hs)), "--answer-len", str(h), *train_args])
             for h in hs for s in range(a.seeds)}
-    wall = run_jobs(grid_jobs(list(runs.values()), expert_size, sizes, GRID), a.jobs)
+    wall = run_jobs(grid_jobs(list(runs.values()), "mirror", expert_size, sizes, GRID), a.jobs)
     for size in sizes:
         kind = "realizable" if size == expert_size else "misspecified"
         print(f"\nmirror ({max(hs)} digits), student {size} ({kind}): held-out reward, mean ± std over "

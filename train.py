@@ -52,7 +52,7 @@ class Config:
     threads: int = 0  # torch CPU threads (0: torch's default)
     expert_steps: int = 1500  # expert: optimizer steps on ground truth
     expert_lr: float = 0.0  # expert: peak learning rate (0: the size's own, model.SIZES)
-    base_steps: int = 300  # student base: warm-start SFT steps on expert samples
+    base_steps: int = 600  # student base: warm-start SFT steps on expert samples (see README: why 600)
     steps: int = 600  # offline and online IL: optimizer steps (the same for both)
     batch_size: int = 128  # sequences per step, over all ranks (the same for both)
     lr: float = 0.0  # student: peak learning rate, cosine decay to 10% (0: the size's own)
@@ -70,7 +70,7 @@ class Config:
     compile: bool = False  # torch.compile the training forward
     eval_prompts: int = 256  # held-out prompts for the final evaluation
     log_every: int = 50  # steps between progress lines
-    eval_every: int = 100  # steps between held-out reward checks (logged to metrics.jsonl)
+    eval_every: int = 50  # steps between held-out reward checks (logged to metrics.jsonl)
     save_every: int = 100  # steps between checkpoints
     resume: bool = False  # continue from this run's checkpoint (step, optimizer, RNG states)
 

@@ -38,10 +38,11 @@ def test_every_method_names_the_run_train_py_makes(method):
 
 def test_grid_jobs_come_after_their_dependencies():
     runs = [(f"d{s}", ["--seed", str(s)]) for s in range(2)]
-    jobs = experiments.grid_jobs(runs, "medium", ["medium", "small"], experiments.GRID)
+    jobs = experiments.grid_jobs(runs, "mirror", "medium", ["medium", "small"], experiments.GRID)
     seen = set()
-    for key, argv, log, deps in jobs:
+    for key, argv, log, deps, done_file in jobs:
         assert all(d in seen for d in deps), key
+        assert done_file.startswith(os.path.join(key[0], "mirror"))
         seen.add(key)
     assert len(jobs) == 2 * (1 + 2 * 4)
 
