@@ -70,7 +70,7 @@ def sequence_kl_surrogate(D, logq, mask, gamma, on_policy=None, baseline=True, n
 
 
 def train(run, expert, prompts, tok, task, cfg):
-    """Online IL. `run` (train.py) owns the model, optimizer, logging, checkpoints and ranks;
+    """Online IL. `run` (runtime.py) owns the model, optimizer, logging, checkpoints and ranks;
     this loop holds the algorithm."""
     B = cfg.batch_size // run.world
     n_from_expert = round(cfg.mix * B)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 IGNORE = -100  # target id of rows that take no part (padding, prompt tokens)
 
 
-def vocab_block(n_rows, vocab, budget_bytes=64 * 2**20):
+def vocab_block(n_rows, vocab, budget_bytes=32 * 2**20):
     """Vocabulary block size such that the ~4 fp32 [N, block] working buffers fit the
     budget; a single block when everything fits (the project's tasks have V ~ 22)."""
     block = budget_bytes // (16 * max(1, n_rows))
@@ -42,8 +42,10 @@ def vocab_block(n_rows, vocab, budget_bytes=64 * 2**20):
 
 
 def _logits(h, W, v0, v1, temperature):
-    """Logits of vocabulary slice [v0, v1), scaled, in fp32."""
-    return (h @ W[v0:v1].T).float() / temperature
+    """Logits of vocabulary slice [v0, v1), scaled, in fp32: a fresh [N, block] tensor that
+    callers may overwrite in place (the kernels keep at most two such buffers alive)."""
+    z = (h @ W[v0:v1].T).float()
+    return z.div_(temperature) if temperature != 1 else z
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -58,13 +60,13 @@ class _TokenLogprobs(torch.autograd.Function):
         z_tgt = torch.zeros(N, device=h.device)
         for v0 in range(0, V, block):
             z = _logits(h, W, v0, min(V, v0 + block), temperature)
-            m_new = torch.maximum(m, z.max(1).values)
-            s = s * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(1)
-            m = m_new
-            # read the target logit from the same GEMM output the normaliser saw
+            # read the target logit from the same GEMM output the normaliser sees
             here = (tgt >= v0) & (tgt < v0 + z.shape[1])
             col = (tgt - v0).clamp(0, z.shape[1] - 1)[:, None]
             z_tgt = torch.where(here, z.gather(1, col).squeeze(1), z_tgt)
+            m_new = torch.maximum(m, z.max(1).values)
+            s = s * torch.exp(m - m_new) + z.sub_(m_new[:, None]).exp_().sum(1)
+            m = m_new
         lse = m + torch.log(s)
         ctx.save_for_backward(h, W, tgt, valid, lse)
         ctx.temperature, ctx.block = temperature, block
@@ -75,20 +77,28 @@ class _TokenLogprobs(torch.autograd.Function):
         h, W, tgt, valid, lse = ctx.saved_tensors
         T, block, V = ctx.temperature, ctx.block, W.shape[0]
         g = torch.where(valid, grad_out.float(), 0.0)  # ignored rows: exactly zero gradient
-        grad_h = torch.zeros(h.shape, device=h.device) if ctx.needs_input_grad[0] else None
-        grad_W = torch.zeros(W.shape, device=W.device) if ctx.needs_input_grad[1] else None
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32  # accumulate in fp32+
+        grad_h = torch.zeros(h.shape, device=h.device, dtype=acc) if ctx.needs_input_grad[0] else None
+        grad_W = torch.zeros(W.shape, device=W.device, dtype=acc) if ctx.needs_input_grad[1] else None
         for v0 in range(0, V, block):
             v1 = min(V, v0 + block)
-            p = torch.exp(_logits(h, W, v0, v1, T) - lse[:, None])
-            # d log p(t) / dz = onehot(t) - p, times the upstream gradient, through 1/T
-            G = -g[:, None] * p
+            p = _logits(h, W, v0, v1, T).sub_(lse[:, None]).exp_()
+            # d log p(t) / dz = onehot(t) - p, times the upstream gradient, through 1/T;
+            # built in p's own buffer
+            G = p.mul_(-g[:, None])
             here = (tgt >= v0) & (tgt < v1)
             G.scatter_add_(1, (tgt - v0).clamp(0, v1 - v0 - 1)[:, None], (g * here)[:, None])
-            G = (G / T).to(h.dtype)
-            if grad_h is not None:
-                grad_h += G @ W[v0:v1]
-            if grad_W is not None:
-                grad_W[v0:v1] = G.T @ h
+            G = (G.div_(T) if T != 1 else G).to(h.dtype)
+            if G.dtype == acc:  # in place: no [N, d] or [block, d] temporaries
+                if grad_h is not None:
+                    grad_h.addmm_(G, W[v0:v1])
+                if grad_W is not None:
+                    torch.mm(G.T, h, out=grad_W[v0:v1])
+            else:  # bf16 GEMMs, fp32 accumulation
+                if grad_h is not None:
+                    grad_h += G @ W[v0:v1]
+                if grad_W is not None:
+                    grad_W[v0:v1] = G.T @ h
         return (None if grad_h is None else grad_h.to(h.dtype),
                 None if grad_W is None else grad_W.to(W.dtype), None, None, None)
 

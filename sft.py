@@ -74,7 +74,7 @@ def collate(rows, tok):
 
 
 def train(run, dataset, cfg, loss_kind="ce"):
-    """Offline IL on a fixed dataset. `run` (train.py) owns the model, optimizer, logging,
+    """Offline IL on a fixed dataset. `run` (runtime.py) owns the model, optimizer, logging,
     checkpoints and ranks; this loop holds the algorithm."""
     n = dataset["prompt"].shape[0]
     B = cfg.batch_size // run.world

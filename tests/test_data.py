@@ -119,3 +119,37 @@ def test_held_out_prompts_fixed_and_disjoint():
 def test_unknown_task_is_clear():
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         make_task("nope")
+
+
+def test_countdown_verifier_agrees_with_independent_tree_evaluation():
+    """Random well-formed expressions, built as trees and valued from the tree (not by parsing
+    text), sometimes over the right numbers and sometimes not: the verifier must agree."""
+    from fractions import Fraction
+    rng = random.Random(1)
+    t = CountdownTask(n_numbers=3)
+    agreed_right = 0
+
+    def build(nums):
+        if len(nums) == 1:  # an atom, sometimes in redundant parentheses
+            return Fraction(nums[0]), f"({nums[0]})" if rng.random() < 0.2 else str(nums[0])
+        i = rng.randint(1, len(nums) - 1)
+        (lv, lt), (rv, rt) = build(nums[:i]), build(nums[i:])
+        op = rng.choice("+-*/")
+        if op == "/" and rv == 0:
+            op = "+"
+        v = {"+": lv + rv, "-": lv - rv, "*": lv * rv, "/": lv / rv if rv else None}[op]
+        return v, f"({lt}{op}{rt})"  # every compound in parentheses: text value == tree value
+
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(2000):
+        p = t.sample_prompt(gen)
+        nums, target = CountdownTask.parse_prompt(p)
+        used = list(nums)
+        if rng.random() < 0.3:  # wrong multiset: drop, repeat or replace a number
+            used = rng.choice([used[:-1], used + [used[0]], used[:-1] + [rng.randint(1, 30)]])
+        rng.shuffle(used)
+        value, text = build(used)
+        expected = float(value == target and sorted(used) == sorted(nums))
+        assert t.reward(p, text) == expected, (p, text)
+        agreed_right += expected
+    assert agreed_right > 10  # the check saw correct answers too, not only zeros
