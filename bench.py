@@ -6,7 +6,8 @@
 Each row runs in its own process, so one row's peak cannot hide another's. Peak memory is
 the extra over the inputs: the process's peak RSS on CPU, torch.cuda.max_memory_allocated on
 CUDA. "floor" is the same GEMMs alone (h W^T, G W, G^T h) with no softmax at all: no
-log-prob method can do less matrix work than that.
+log-prob method can do less matrix work than that. "row-chunked" is the other layout a fused
+kernel can take (256-row chunks, full-vocabulary recompute), measured for comparison.
 """
 import argparse
 import json
@@ -16,6 +17,33 @@ import sys
 import time
 
 import torch
+
+
+class RowChunkedLogprobs(torch.autograd.Function):
+    """The alternative layout, kept here for the comparison only: chunk over rows, recompute
+    each chunk's full [rows, V] logits in backward. Every chunk re-reads and re-writes the
+    whole [V, d] weight gradient, which is where it loses to kernels.py's vocabulary blocks."""
+
+    @staticmethod
+    def forward(ctx, h, W, targets, rows):
+        out = torch.empty(h.shape[0], device=h.device)
+        for r in range(0, h.shape[0], rows):
+            z = (h[r:r + rows] @ W.T).float()
+            out[r:r + rows] = z.gather(1, targets[r:r + rows, None]).squeeze(1) - z.logsumexp(1)
+        ctx.save_for_backward(h, W, targets)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        h, W, targets = ctx.saved_tensors
+        grad_h, grad_W = torch.empty_like(h), torch.zeros_like(W)
+        for r in range(0, h.shape[0], ctx.rows):
+            G = torch.softmax((h[r:r + ctx.rows] @ W.T).float(), 1).mul_(-g[r:r + ctx.rows, None])
+            G.scatter_add_(1, targets[r:r + ctx.rows, None], g[r:r + ctx.rows, None])
+            grad_h[r:r + ctx.rows] = G @ W
+            grad_W.addmm_(G.T, h[r:r + ctx.rows])
+        return grad_h, grad_W, None, None
 
 
 def one(kind, n, d, v, dtype, device, reps):
@@ -32,7 +60,9 @@ def one(kind, n, d, v, dtype, device, reps):
         if kind == "floor":  # the three GEMMs of naive forward+backward, nothing else
             z = h.detach() @ W.detach().T
             return z @ W.detach(), z.T @ h.detach()
-        if kind.startswith("logprobs"):
+        if kind == "logprobs row-chunked":
+            out = RowChunkedLogprobs.apply(h, W, targets, 256)
+        elif kind.startswith("logprobs"):
             out = token_logprobs(h, W, targets, fused=kind.endswith("fused"))
         else:
             out = token_divergence(h, W, expert, "reverse", fused=kind.endswith("fused"))
@@ -70,7 +100,8 @@ def main():
         print(json.dumps(one(a.child, a.n, a.d, a.v, getattr(torch, a.dtype), a.device, a.reps)))
         return
     rows = []
-    for kind in ("floor", "logprobs naive", "logprobs fused", "reverse_kl naive", "reverse_kl fused"):
+    for kind in ("floor", "logprobs naive", "logprobs fused", "logprobs row-chunked", "reverse_kl naive",
+                 "reverse_kl fused"):
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", kind],
                              capture_output=True, text=True)
         if out.returncode:
@@ -82,7 +113,7 @@ def main():
           f"forward+backward, median of {a.reps}")
     print(f"{'kernel':<18} {'time s':>8} {'extra peak GB':>14} {'time / naive':>13} {'memory / naive':>15}")
     for r in rows:
-        naive = t[r["kind"].split()[0] + " naive"] if r["kind"] != "floor" else t["logprobs naive"]
+        naive = t["reverse_kl naive"] if r["kind"].startswith("reverse") else t["logprobs naive"]
         print(f"{r['kind']:<18} {r['time']:8.3f} {r['extra_gb']:14.3f} {r['time'] / naive['time']:13.2f} "
               f"{r['extra_gb'] / max(naive['extra_gb'], 1e-9):15.3f}")
 

@@ -235,3 +235,10 @@ def load_checkpoint(path, expect=None, device="cpu"):
         if ck.get(k) != v:
             raise ValueError(f"{path}: made for {k}={ck.get(k)!r}, but this run needs {k}={v!r}")
     return model.to(device), ck
+
+
+if __name__ == "__main__":  # python model.py: the named sizes and their parameter counts
+    for name, spec in SIZES.items():
+        n = make_model(name, 16, 22).n_params()
+        print(f"{name:<7} layers {spec['n_layer']}, width {spec['n_embd']:>3}, heads {spec['n_head']}, "
+              f"lr {spec['lr']:<6g} {n:>8,} parameters (excluding position embeddings)")

@@ -175,7 +175,8 @@ class Run:
             eta = (time.time() - self.t0) / done * (self.total - step - 1)
             shown = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) and k != "tok_per_s" else f"{k} {v:.0f}"
                                for k, v in metrics.items() if not k.endswith("_tokens") or k == "tok_per_s")
-            print(f"{self.name} step {step + 1}/{self.total} | {shown} | eta {eta:.0f}s", flush=True)
+            print(f"{self.name} step {step + 1}/{self.total} | {shown} | elapsed {time.time() - self.t0:.0f}s "
+                  f"| eta {eta:.0f}s", flush=True)
 
     def log_eval(self, step):
         """Reward at temperature 1 on a fixed quarter of the held-out prompts: the curve per method."""

@@ -159,3 +159,15 @@ def test_torchrun_two_processes_match_one(tiny_runs, tmp_path):
     b = torch.load(tmp_path / "two" / "mirror" / "sft-small.pt", weights_only=False)["model"]
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_runs, tmp_path):
+    d, _ = tiny_runs
+    shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("onpolicy*", "sft*"))
+    # an absurd learning rate blows the weights up within a few steps
+    out = train("--mode", "sft", "--out-dir", str(tmp_path), *TINY, "--lr", "1e30", "--save-every", "1", check=False)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "non-finite loss" in lines[0] and "last good checkpoint is kept" in lines[0]
+    ck = torch.load(tmp_path / "mirror" / "sft-small.pt", weights_only=False)
+    assert 1 <= ck["step"] < 60 and all(torch.isfinite(v).all() for v in ck["model"].values())
