@@ -111,10 +111,10 @@ def main():
     t = {r["kind"]: r for r in rows}
     print(f"N={a.n} d={a.d} V={a.v} {a.dtype} on {a.device} ({torch.get_num_threads()} threads), "
           f"forward+backward, median of {a.reps}")
-    print(f"{'kernel':<18} {'time s':>8} {'extra peak GB':>14} {'time / naive':>13} {'memory / naive':>15}")
+    print(f"{'kernel':<21} {'time s':>8} {'extra peak GB':>14} {'time / naive':>13} {'memory / naive':>15}")
     for r in rows:
         naive = t["reverse_kl naive"] if r["kind"].startswith("reverse") else t["logprobs naive"]
-        print(f"{r['kind']:<18} {r['time']:8.3f} {r['extra_gb']:14.3f} {r['time'] / naive['time']:13.2f} "
+        print(f"{r['kind']:<21} {r['time']:8.3f} {r['extra_gb']:14.3f} {r['time'] / naive['time']:13.2f} "
               f"{r['extra_gb'] / max(naive['extra_gb'], 1e-9):15.3f}")
 
 
