@@ -96,8 +96,9 @@ def train(run, expert, prompts, tok, task, cfg):
         on_policy[:n_from_expert] = False
         # ---- loss: sequence-level reverse KL = per-token KL at fixed prefixes + REINFORCE
         D = torch.zeros(rmask.shape, device=run.device)
-        D[rmask] = token_divergence(h[valid], W, (h_e[valid], expert.unembedding), cfg.divergence,
-                                    beta=cfg.beta, fused=cfg.fused)
+        with torch.set_grad_enabled(cfg.estimator == "full"):  # "sampled" only logs it
+            D[rmask] = token_divergence(h[valid], W, (h_e[valid], expert.unembedding), cfg.divergence,
+                                        beta=cfg.beta, fused=cfg.fused)
         logq = token_logprobs(h, W, torch.where(valid, resp.flatten(), IGNORE), fused=cfg.fused).view(rmask.shape)
         if cfg.estimator == "full":
             per_token = sequence_kl_surrogate(D, logq, rmask, cfg.gamma, on_policy, normalize=cfg.normalize_adv)
