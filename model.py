@@ -166,7 +166,8 @@ class GPT(nn.Module):
             if use_cache:
                 pos = (n_prompt + t)[:, None]
                 h = self(nxt[:, None], valid[:, :P + t + 1], cache, P + t, pos)[:, -1]
-        return tokens[:, P:P + mask.sum(1).max()], mask[:, :mask.sum(1).max()]
+        R = int(mask.sum(1).max())  # the longest response; the rest is padding everywhere
+        return tokens[:, P:P + R], mask[:, :R]
 
 
 def response_hidden(model, prompt, prompt_valid, responses, response_mask):

@@ -66,12 +66,21 @@ def setup(cfg):
                 task_id=dict(asdict(task)), held_out=eval_prompts(task, cfg.eval_prompts, seed=10_000 + cfg.seed))
 
 
+def identity(env, model_cfg):
+    """What a checkpoint must match to be loaded by this run: task, tokenizer, model shape."""
+    return dict(task=env["task_id"], tokenizer=env["tok"].identity, model_args=asdict(model_cfg))
+
+
+def rank0_print(env, *a):
+    if env["rank"] == 0:
+        print(*a, flush=True)
+
+
 def lr_factor(step, total, warmup=50):
     """Linear warmup, then cosine decay to 10% of the peak."""
     if step < warmup:
         return (step + 1) / warmup
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
 
 
 class Run:
@@ -98,18 +107,15 @@ class Run:
     def resume_if_asked(self):
         if not (self.cfg.resume and os.path.exists(self.path)):
             return
-        _, ck = load_checkpoint(self.path, expect=self.identity(), device=self.device)
+        _, ck = load_checkpoint(self.path, expect=dict(identity(self.env, self.raw.cfg), name=self.name),
+                                device=self.device)
         self.raw.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
         self.sample_gen.set_state(ck["rng"]["sample"][self.rank].cpu())
         if self.prompts is not None:
             self.prompts.g.set_state(ck["rng"]["prompts"][self.rank])
         self.start, self.totals = ck["step"], ck["totals"]
-        self.print(f"resumed {self.path} at step {self.start}")
-
-    def identity(self):
-        return dict(task=self.env["task_id"], tokenizer=self.env["tok"].identity,
-                    model_args=asdict(self.raw.cfg), name=self.name)
+        rank0_print(self.env, f"resumed {self.path} at step {self.start}")
 
     def steps(self):
         """Yield step numbers; save every save_every steps, on Ctrl-C, and at the end."""
@@ -127,7 +133,7 @@ class Run:
                 if stop or (step + 1) % self.cfg.save_every == 0 or step + 1 == self.total:
                     self.save(step + 1)
                 if stop:
-                    self.print(f"interrupted: saved {self.path} at step {step + 1}; continue with --resume")
+                    rank0_print(self.env, f"interrupted: saved {self.path} at step {step + 1}; continue with --resume")
                     raise SystemExit(130)
         finally:
             if old is not None:
@@ -173,8 +179,8 @@ class Run:
         if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.total:
             done = step + 1 - self.start
             eta = (time.time() - self.t0) / done * (self.total - step - 1)
-            shown = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) and k != "tok_per_s" else f"{k} {v:.0f}"
-                               for k, v in metrics.items() if not k.endswith("_tokens") or k == "tok_per_s")
+            shown = " | ".join(f"{k} {v:.0f}" if k == "tok_per_s" else f"{k} {v:.4f}"
+                               for k, v in metrics.items() if not k.endswith("_tokens"))
             print(f"{self.name} step {step + 1}/{self.total} | {shown} | elapsed {time.time() - self.t0:.0f}s "
                   f"| eta {eta:.0f}s", flush=True)
 
@@ -191,7 +197,8 @@ class Run:
         if self.rank != 0:
             return
         save_checkpoint(self.path, self.raw, optimizer=self.opt.state_dict(), step=step, total=self.total, totals=self.totals,
-                        config=asdict(self.cfg), seed=self.cfg.seed, rng=rng, **self.identity())
+                        config=asdict(self.cfg), seed=self.cfg.seed, rng=rng, name=self.name,
+                        **identity(self.env, self.raw.cfg))
 
     def gather_rng(self, g):
         states = [g.get_state()]
@@ -200,6 +207,3 @@ class Run:
             dist.all_gather_object(states, g.get_state())
         return states
 
-    def print(self, *a):
-        if self.rank == 0:
-            print(*a, flush=True)

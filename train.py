@@ -30,7 +30,7 @@ import eval as evaluation
 import sft
 from data import PromptStream, sample_answer
 from model import load_checkpoint, make_model, size_spec
-from runtime import Run, setup
+from runtime import Run, identity, rank0_print, setup
 
 
 @dataclass
@@ -130,11 +130,6 @@ def check(cfg):
 
 
 # ----------------------------------------------------------------------------- the pipeline
-def env_print(env, *a):
-    if env["rank"] == 0:
-        print(*a, flush=True)
-
-
 def new_model(cfg, env, size):
     return make_model(size, env["block_size"], env["tok"].vocab_size).to(env["device"])
 
@@ -144,8 +139,7 @@ def load_finished(path, env, size):
     made for another task, tokenizer or size is an error, never a silent load."""
     if not os.path.exists(path):
         return None
-    expect = dict(task=env["task_id"], tokenizer=env["tok"].identity,
-                  model_args=asdict(make_model(size, env["block_size"], env["tok"].vocab_size).cfg))
+    expect = identity(env, make_model(size, env["block_size"], env["tok"].vocab_size).cfg)
     model, ck = load_checkpoint(path, expect=expect, device=env["device"])
     return model if ck.get("step") == ck.get("total") else None
 
@@ -171,7 +165,7 @@ def get_expert(cfg, env):
     expert = None if cfg.mode == "expert" else load_finished(path, env, cfg.expert_size)
     if expert is None:
         expert = new_model(cfg, env, cfg.expert_size)
-        env_print(env, f"training the expert ({cfg.expert_size}, {expert.n_params():,} parameters) on ground truth")
+        rank0_print(env, f"training the expert ({cfg.expert_size}, {expert.n_params():,} parameters) on ground truth")
         # every rank builds the same dataset; sft.train gives each rank its own rows
         texts = PromptStream(env["task"], env["held_out"], seed=cfg.seed).batch(cfg.expert_steps * cfg.batch_size)
         g = torch.Generator().manual_seed(cfg.seed + 1)
@@ -230,14 +224,14 @@ def run_name(cfg):
 def main(argv=None):
     cfg = parse_args(argv)
     env = setup(cfg)
-    env_print(env, "config: " + json.dumps(asdict(cfg)))
+    rank0_print(env, "config: " + json.dumps(asdict(cfg)))
     expert = get_expert(cfg, env)
     if cfg.mode == "expert":
         model, name = expert, "expert"
     else:
         student = get_student_base(cfg, env, expert)
         name = run_name(cfg) if cfg.mode != "base" else f"base-{cfg.student_size}"
-        env_print(env, f"student ({cfg.student_size}): {student.n_params():,} parameters; expert "
+        rank0_print(env, f"student ({cfg.student_size}): {student.n_params():,} parameters; expert "
                        f"({cfg.expert_size}): {expert.n_params():,}")
         if cfg.mode == "base":
             model = student
@@ -260,7 +254,7 @@ def main(argv=None):
         dist.all_reduce(hi, dist.ReduceOp.MAX)
         if not torch.equal(lo, hi):
             raise ValueError("ranks ended with different weights")
-        env_print(env, f"all {env['world']} ranks hold identical weights")
+        rank0_print(env, f"all {env['world']} ranks hold identical weights")
         dist.destroy_process_group()
     return model
 
