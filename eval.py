@@ -315,7 +315,8 @@ def main(argv=None):
         expert, _ = load_checkpoint(os.path.join(os.path.dirname(a.checkpoint), "expert.pt"), expect=dict(task=ck["task"]))
         tok = Tokenizer()
         task = make_task(ck["task"]["name"], **{k: v for k, v in ck["task"].items() if k != "name"})
-        prompts = eval_prompts(task, ck["config"]["eval_prompts"], seed=10_000 + ck["seed"])
+        from runtime import seed_for
+        prompts = eval_prompts(task, ck["config"]["eval_prompts"], seed=seed_for(ck["seed"], "held-out"))
         print(describe(a.checkpoint, evaluate(model, expert, tok, task, prompts, seed=ck["seed"]), len(prompts)))
     else:
         p.error("give a checkpoint, or one of --grid, --ablation, --horizon, --toy")

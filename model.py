@@ -205,9 +205,13 @@ def size_spec(size):
     return dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, lr=3e-3)
 
 
-def make_model(size, block_size, vocab_size):
+def make_model(size, block_size, vocab_size, seed):
+    """A freshly initialised GPT of a named size. Its init comes from `seed` alone (a private
+    RNG stream, on the CPU), so building one model never shifts another's init."""
     shape = {k: v for k, v in size_spec(size).items() if k != "lr"}
-    return GPT(GPTConfig(**shape, block_size=block_size, vocab_size=vocab_size))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GPT(GPTConfig(**shape, block_size=block_size, vocab_size=vocab_size))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -240,6 +244,6 @@ def load_checkpoint(path, expect=None, device="cpu"):
 
 if __name__ == "__main__":  # python model.py: the named sizes and their parameter counts
     for name, spec in SIZES.items():
-        n = make_model(name, 16, 22).n_params()
+        n = make_model(name, 16, 22, seed=0).n_params()
         print(f"{name:<7} layers {spec['n_layer']}, width {spec['n_embd']:>3}, heads {spec['n_head']}, "
               f"lr {spec['lr']:<6g} {n:>8,} parameters (excluding position embeddings)")

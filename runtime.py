@@ -31,6 +31,13 @@ def build_task(cfg):
     return make_task("countdown", n_numbers=cfg.n_numbers, max_number=cfg.max_number, max_target=cfg.max_target)
 
 
+def seed_for(seed, role, rank=0):
+    """The seed of one role's generator (an init, a data stream, a sampler), derived from
+    --seed, the role's name and the rank alone. Every model and stream has its own, so the
+    expert of a seed is the same whatever the student size, mode or order of runs."""
+    return zlib.crc32(f"{seed}/{role}/{rank}".encode())
+
+
 def setup(cfg):
     """Device, distributed ranks (torchrun sets RANK/WORLD_SIZE), threads, output folder."""
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -54,16 +61,15 @@ def setup(cfg):
         os.remove(probe)
     except OSError as e:
         raise ValueError(f"cannot write to output folder {out}: {e.strerror}") from None
-    torch.manual_seed(cfg.seed)
     block_size = 1 + task.max_prompt_len + task.max_response_len + 1  # bos ... end
     if cfg.block_size and cfg.block_size < block_size:
         raise ValueError(f"--block-size {cfg.block_size} is shorter than this task's prompt + response "
                          f"({block_size} tokens)")
     block_size = cfg.block_size or block_size
     for size in (cfg.expert_size, cfg.student_size):  # a bad size fails now, not after training
-        make_model(size, block_size, tok.vocab_size)
+        make_model(size, block_size, tok.vocab_size, seed=0)
     return dict(device=device, rank=rank, world=world, dir=out, tok=tok, task=task, block_size=block_size,
-                task_id=dict(asdict(task)), held_out=eval_prompts(task, cfg.eval_prompts, seed=10_000 + cfg.seed))
+                task_id=dict(asdict(task)), held_out=eval_prompts(task, cfg.eval_prompts, seed=seed_for(cfg.seed, "held-out")))
 
 
 def identity(env, model_cfg):
@@ -94,8 +100,7 @@ class Run:
         self.raw = model
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         self.lr = lr
-        seed = cfg.seed + 1000 * self.rank + zlib.crc32(name.encode()) % 997
-        self.sample_gen = torch.Generator(self.device).manual_seed(seed)
+        self.sample_gen = torch.Generator(self.device).manual_seed(seed_for(cfg.seed, f"{name}/sampling", self.rank))
         self.prompts = None  # a PromptStream whose generator is checkpointed, set by the caller
         self.start, self.totals, self.stop_requested, self.t0 = 0, {}, False, time.time()
         self.model = model

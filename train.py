@@ -30,7 +30,7 @@ import eval as evaluation
 import sft
 from data import PromptStream, sample_answer
 from model import load_checkpoint, make_model, size_spec
-from runtime import Run, identity, rank0_print, setup
+from runtime import Run, identity, rank0_print, seed_for, setup
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Config:
     block_size: int = 0  # context length (0: just enough for the task's prompt and response)
     expert_ckpt: str = ""  # an expert checkpoint to use ('': <out-dir>/<task>/expert.pt, trained if missing)
     out_dir: str = "out"  # checkpoints go to <out-dir>/<task>/
-    seed: int = 0  # seeds every generator (data, sampling, init); rank r adds 1000*r
+    seed: int = 0  # seeds every generator: each role (init, data, sampling, rank) derives its own
     device: str = "auto"  # auto (cuda if present) | cpu | cuda
     threads: int = 0  # torch CPU threads (0: torch's default)
     expert_steps: int = 1500  # expert: optimizer steps on ground truth
@@ -130,8 +130,9 @@ def check(cfg):
 
 
 # ----------------------------------------------------------------------------- the pipeline
-def new_model(cfg, env, size):
-    return make_model(size, env["block_size"], env["tok"].vocab_size).to(env["device"])
+def new_model(cfg, env, size, role):
+    """A fresh model whose init depends only on --seed and its role (expert, student)."""
+    return make_model(size, env["block_size"], env["tok"].vocab_size, seed_for(cfg.seed, f"{role}/init")).to(env["device"])
 
 
 def load_finished(path, env, size):
@@ -139,7 +140,7 @@ def load_finished(path, env, size):
     made for another task, tokenizer or size is an error, never a silent load."""
     if not os.path.exists(path):
         return None
-    expect = identity(env, make_model(size, env["block_size"], env["tok"].vocab_size).cfg)
+    expect = identity(env, make_model(size, env["block_size"], env["tok"].vocab_size, seed=0).cfg)
     model, ck = load_checkpoint(path, expect=expect, device=env["device"])
     return model if ck.get("step") == ck.get("total") else None
 
@@ -164,11 +165,12 @@ def get_expert(cfg, env):
     path = os.path.join(env["dir"], "expert.pt")
     expert = None if cfg.mode == "expert" else load_finished(path, env, cfg.expert_size)
     if expert is None:
-        expert = new_model(cfg, env, cfg.expert_size)
+        expert = new_model(cfg, env, cfg.expert_size, "expert")
         rank0_print(env, f"training the expert ({cfg.expert_size}, {expert.n_params():,} parameters) on ground truth")
         # every rank builds the same dataset; sft.train gives each rank its own rows
-        texts = PromptStream(env["task"], env["held_out"], seed=cfg.seed).batch(cfg.expert_steps * cfg.batch_size)
-        g = torch.Generator().manual_seed(cfg.seed + 1)
+        texts = PromptStream(env["task"], env["held_out"], seed=seed_for(cfg.seed, "expert/prompts")).batch(
+            cfg.expert_steps * cfg.batch_size)
+        g = torch.Generator().manual_seed(seed_for(cfg.seed, "expert/answers"))
         answers = [sample_answer(env["task"], p, g) for p in texts]
         data = sft.ground_truth_dataset(env["tok"], env["task"], texts, answers, env["device"])
         fit(cfg, env, "expert", expert, cfg.expert_steps, cfg.expert_lr or size_spec(cfg.expert_size)["lr"], sft.train, data, cfg)
@@ -201,9 +203,8 @@ def get_student_base(cfg, env, expert):
     name = f"base-{cfg.student_size}"
     base = load_finished(os.path.join(env["dir"], f"{name}.pt"), env, cfg.student_size)
     if base is None:
-        torch.manual_seed(cfg.seed + 7)  # the student's init
-        base = new_model(cfg, env, cfg.student_size)
-        data = expert_samples(cfg, env, expert, cfg.base_steps * cfg.batch_size, cfg.seed + 2)
+        base = new_model(cfg, env, cfg.student_size, "student")
+        data = expert_samples(cfg, env, expert, cfg.base_steps * cfg.batch_size, seed_for(cfg.seed, "base/data"))
         fit(cfg, env, name, base, cfg.base_steps, student_lr(cfg), sft.train, data, cfg)
     return base
 
@@ -236,10 +237,10 @@ def main(argv=None):
         if cfg.mode == "base":
             model = student
         elif cfg.mode == "sft":  # offline IL: the expert is queried before training only
-            data = expert_samples(cfg, env, expert, cfg.steps * cfg.batch_size, cfg.seed + 3)
+            data = expert_samples(cfg, env, expert, cfg.steps * cfg.batch_size, seed_for(cfg.seed, "sft/data"))
             model = fit(cfg, env, name, student, cfg.steps, student_lr(cfg), sft.train, data, cfg, cfg.sft_loss)
         else:  # online IL: the student samples, the expert scores every token
-            prompts = PromptStream(env["task"], env["held_out"], seed=cfg.seed + 4 + 1000 * env["rank"])
+            prompts = PromptStream(env["task"], env["held_out"], seed=seed_for(cfg.seed, "online/prompts", env["rank"]))
             model = fit(cfg, env, name, student, cfg.steps, student_lr(cfg), distill.train, expert, prompts, env["tok"],
                         env["task"], cfg, prompts=prompts)
     if env["rank"] == 0:

@@ -11,8 +11,7 @@ tok = Tokenizer()
 
 
 def tiny(seed):
-    torch.manual_seed(seed)
-    return make_model("tiny", 16, tok.vocab_size)
+    return make_model("tiny", 16, tok.vocab_size, seed=seed)
 
 
 def all_responses(L):

@@ -12,8 +12,7 @@ PROMPTS = ["1,2;3=", "12,7,19;100=", "5=", "3,3,3;9="]  # different lengths in o
 
 
 def model(seed=0, size="tiny"):
-    torch.manual_seed(seed)
-    return make_model(size, 32, tok.vocab_size).eval()
+    return make_model(size, 32, tok.vocab_size, seed=seed).eval()
 
 
 def test_padding_changes_nothing():
@@ -64,14 +63,14 @@ def test_response_logprobs_match_full_logits():
 
 
 def test_sizes_and_config_errors():
-    n = {name: make_model(name, 16, 22).n_params() for name in SIZES}
+    n = {name: make_model(name, 16, 22, seed=0).n_params() for name in SIZES}
     assert n["tiny"] < n["small"] < n["medium"] < n["large"]
     with pytest.raises(ValueError, match="not divisible"):
         GPTConfig(n_embd=10, n_head=3)
     with pytest.raises(ValueError, match="n_layer must be at least 1"):
         GPTConfig(n_layer=0)
     with pytest.raises(ValueError, match="exceeds block_size"):
-        make_model("tiny", 4, 22)(*encode_prompts(tok, ["12345="]))
+        make_model("tiny", 4, 22, seed=0)(*encode_prompts(tok, ["12345="]))
 
 
 def test_checkpoint_atomic_and_refuses_mismatch(tmp_path):

@@ -43,8 +43,7 @@ def batch():
 
 
 def test_sft_loss_is_cross_entropy_on_expert_tokens():
-    torch.manual_seed(0)
-    student, data = make_model("tiny", 16, tok.vocab_size), batch()
+    student, data = make_model("tiny", 16, tok.vocab_size, seed=0), batch()
     run = RecordingRun(student)
     sft.train(run, data, type("Cfg", (), dict(batch_size=3, fused=True))())
     P = data["prompt"].shape[1]
@@ -59,8 +58,7 @@ def test_prompt_positions_get_no_direct_gradient():
     """Only the states that predict response tokens carry a loss: the hidden states at
     prompt positions (but the last, which predicts the first answer token) get zero gradient
     from the loss head; their only influence is through attention, as it should be."""
-    torch.manual_seed(0)
-    student, data = make_model("tiny", 16, tok.vocab_size), batch()
+    student, data = make_model("tiny", 16, tok.vocab_size, seed=0), batch()
     P = data["prompt"].shape[1]
     h_full = student(torch.cat([data["prompt"], data["response"]], 1),
                      torch.cat([data["prompt_valid"], data["response_mask"]], 1))

@@ -81,6 +81,17 @@ def test_seeded_runs_are_identical(tiny_runs, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_expert_does_not_depend_on_the_student_or_the_mode(tmp_path):
+    """Seeds are per role: the expert of a seed is the same whatever --student-size or --mode
+    trains it (it used to share one global RNG with the student's size check)."""
+    tiny = [*TINY, "--expert-steps", "5", "--base-steps", "2"]
+    train("--mode", "expert", "--out-dir", str(tmp_path / "a"), *tiny, "--student-size", "small")
+    train("--mode", "base", "--out-dir", str(tmp_path / "b"), *tiny, "--student-size", "medium")
+    a = torch.load(tmp_path / "a" / "mirror" / "expert.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "mirror" / "expert.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_ctrl_c_then_resume_equals_uninterrupted(tiny_runs, tmp_path):
     d, _ = tiny_runs
     shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror",
