@@ -52,6 +52,7 @@ class Config:
     threads: int = 0  # torch CPU threads (0: torch's default)
     expert_steps: int = 1500  # expert: optimizer steps on ground truth
     expert_lr: float = 0.0  # expert: peak learning rate (0: the size's own, model.SIZES)
+    expert_min_reward: float = 0.95  # quality gate: stop if the expert's held-out reward is below this (0: off)
     base_steps: int = 600  # student base: warm-start SFT steps on expert samples (see README: why 600)
     steps: int = 600  # offline and online IL: optimizer steps (the same for both)
     batch_size: int = 128  # sequences per step, over all ranks (the same for both)
@@ -178,6 +179,18 @@ def get_expert(cfg, env):
     return expert
 
 
+def gate_expert(cfg, env, expert):
+    """The quality gate: an expert that did not converge is refused, not distilled from (a
+    student would only learn its mistakes). Returns its held-out reward at temperature 1."""
+    reward = evaluation.quick_eval(expert, env["tok"], env["task"], env["held_out"], seed=cfg.seed)["reward"]
+    if reward < cfg.expert_min_reward:
+        where = cfg.expert_ckpt or os.path.join(env["dir"], "expert.pt")
+        raise UsageError(f"the expert {where} did not converge: held-out reward {reward:.3f} < --expert-min-reward "
+                         f"{cfg.expert_min_reward:g}; retrain it (more --expert-steps, or another --seed), or pass "
+                         f"--expert-min-reward 0 to use it anyway")
+    return reward
+
+
 def expert_samples(cfg, env, expert, n, seed):
     """n expert responses to fresh training prompts, cached on disk (students of every size
     share them)."""
@@ -227,6 +240,7 @@ def main(argv=None):
     env = setup(cfg)
     rank0_print(env, "config: " + json.dumps(asdict(cfg)))
     expert = get_expert(cfg, env)
+    expert_reward = gate_expert(cfg, env, expert) if cfg.mode != "expert" else None
     if cfg.mode == "expert":
         model, name = expert, "expert"
     else:
@@ -248,6 +262,11 @@ def main(argv=None):
         with open(os.path.join(env["dir"], f"{name}.result.json"), "w") as f:
             json.dump(dict(name=name, n_params=model.n_params(), **result), f)
         print(evaluation.describe(f"{name} ({model.n_params():,} params) on {cfg.task}", result, len(env["held_out"])))
+        if cfg.mode == "base" and cfg.student_size == cfg.expert_size and result["reward"] < expert_reward - 0.05:
+            print(f"warning: {name} is the expert's own class but reaches {result['reward']:.3f} against the expert's "
+                  f"{expert_reward:.3f}: this warm start did not converge")
+    if cfg.mode == "expert":
+        gate_expert(cfg, env, expert)
     if env["world"] > 1:  # DDP keeps replicas equal; check it rather than trust it
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])
         lo, hi = flat.clone(), flat.clone()
