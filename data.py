@@ -31,6 +31,8 @@ from functools import lru_cache
 import tiktoken
 import torch
 
+from errors import UsageError
+
 # ----------------------------------------------------------------------------- tokenizer
 ALPHABET = "0123456789+-*/()=,;"
 BOS, END, PAD = "<|bos|>", "<|end|>", "<|pad|>"
@@ -109,10 +111,10 @@ class MirrorTask:
 
     def __post_init__(self):
         if self.digits < 2:
-            raise ValueError("mirror needs at least 2 digits")
+            raise UsageError("mirror needs at least 2 digits")
         self.answer_len = self.answer_len or self.digits
         if not 1 <= self.answer_len <= self.digits:
-            raise ValueError(f"mirror answer length must be in 1..{self.digits}")
+            raise UsageError(f"mirror answer length must be in 1..{self.digits}")
 
     @property
     def max_prompt_len(self):
@@ -235,7 +237,7 @@ class CountdownTask:
 
     def __post_init__(self):
         if self.n_numbers not in (2, 3, 4) or self.max_number < 1 or self.max_target < 1:
-            raise ValueError("countdown needs 2-4 numbers and positive ranges")
+            raise UsageError("countdown needs 2-4 numbers and positive ranges")
 
     @property
     def max_prompt_len(self):
@@ -281,7 +283,7 @@ TASKS = {"mirror": MirrorTask, "countdown": CountdownTask}
 
 def make_task(name, **kwargs):
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+        raise UsageError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
     return TASKS[name](**kwargs)
 
 
@@ -302,7 +304,7 @@ def eval_prompts(task, n, seed=1234):
             out.append(p)
             if len(out) == n:
                 return out
-    raise ValueError(f"task {task.name} has fewer than {n} distinct prompts")
+    raise UsageError(f"task {task.name} has fewer than {n} distinct prompts")
 
 
 class PromptStream:

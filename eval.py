@@ -18,6 +18,7 @@ import sys
 import torch
 
 from data import decode_responses, encode_prompts
+from errors import UsageError
 
 
 @torch.no_grad()
@@ -120,7 +121,7 @@ def run_jobs(jobs, parallel):
         with open(log, "w") as f:
             rc = subprocess.call([sys.executable, "train.py", "--threads", "1", *argv], stdout=f, stderr=subprocess.STDOUT)
         if rc != 0:
-            raise RuntimeError(f"{key} failed (exit {rc}); see {log}")
+            raise UsageError(f"{key} failed (exit {rc}); its log, with the reason, is {log}")
         print(f"[{time.time() - t0:5.0f}s] done: {key}", flush=True)
 
     with ThreadPoolExecutor(parallel) as pool:
@@ -325,5 +326,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, RuntimeError) as e:
+    except UsageError as e:  # bad input: one line; anything else is a bug and keeps its traceback
         sys.exit(f"error: {e}")

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 import eval as evaluation
+from errors import UsageError
 from data import Tokenizer, eval_prompts, make_task
 from model import load_checkpoint, make_model, save_checkpoint
 
@@ -45,7 +46,7 @@ def setup(cfg):
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
         if cfg.batch_size % world:
-            raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {world} ranks")
+            raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by {world} ranks")
     device = f"cuda:{local}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(device)
@@ -60,10 +61,10 @@ def setup(cfg):
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        raise ValueError(f"cannot write to output folder {out}: {e.strerror}") from None
+        raise UsageError(f"cannot write to output folder {out}: {e.strerror}") from None
     block_size = 1 + task.max_prompt_len + task.max_response_len + 1  # bos ... end
     if cfg.block_size and cfg.block_size < block_size:
-        raise ValueError(f"--block-size {cfg.block_size} is shorter than this task's prompt + response "
+        raise UsageError(f"--block-size {cfg.block_size} is shorter than this task's prompt + response "
                          f"({block_size} tokens)")
     block_size = cfg.block_size or block_size
     for size in (cfg.expert_size, cfg.student_size):  # a bad size fails now, not after training
@@ -152,7 +153,7 @@ class Run:
 
     def optimize(self, loss):
         if not torch.isfinite(loss):
-            raise ValueError(f"non-finite loss ({loss.item()}) in {self.name}; "
+            raise UsageError(f"non-finite loss ({loss.item()}) in {self.name}; "
                              f"the last good checkpoint is kept ({self.path})")
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)

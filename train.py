@@ -29,6 +29,7 @@ import distill
 import eval as evaluation
 import sft
 from data import PromptStream, sample_answer
+from errors import OneLineParser, UsageError
 from model import load_checkpoint, make_model, size_spec
 from runtime import Run, identity, rank0_print, seed_for, setup
 
@@ -80,11 +81,6 @@ CHOICES = dict(mode=MODES, task=("mirror", "countdown"), device=("auto", "cpu", 
                divergence=("reverse", "forward", "jsd"))
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line, not a usage dump
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__.split("\n")[0])
     comments = _field_comments()
@@ -126,7 +122,7 @@ def check(cfg):
     if cfg.device == "cuda" and not torch.cuda.is_available():
         bad.append("--device cuda, but no CUDA device is available")
     if bad:
-        raise ValueError("; ".join(bad))
+        raise UsageError("; ".join(bad))
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -160,7 +156,7 @@ def get_expert(cfg, env):
     if cfg.expert_ckpt:  # an expert named on the command line must fit this run
         expert = load_finished(cfg.expert_ckpt, env, cfg.expert_size)
         if expert is None:
-            raise ValueError(f"--expert-ckpt {cfg.expert_ckpt}: the expert's training did not finish")
+            raise UsageError(f"--expert-ckpt {cfg.expert_ckpt}: the expert's training did not finish")
         return expert.eval().requires_grad_(False)
     path = os.path.join(env["dir"], "expert.pt")
     expert = None if cfg.mode == "expert" else load_finished(path, env, cfg.expert_size)
@@ -254,7 +250,7 @@ def main(argv=None):
         dist.all_reduce(lo, dist.ReduceOp.MIN)
         dist.all_reduce(hi, dist.ReduceOp.MAX)
         if not torch.equal(lo, hi):
-            raise ValueError("ranks ended with different weights")
+            raise RuntimeError("ranks ended with different weights")
         rank0_print(env, f"all {env['world']} ranks hold identical weights")
         dist.destroy_process_group()
     return model
@@ -263,5 +259,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:
+    except UsageError as e:  # bad input: one line; anything else is a bug and keeps its traceback
         sys.exit(f"error: {e}")

@@ -135,6 +135,18 @@ def test_bad_input_is_one_clear_line(args, message):
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("error:"), out.stderr
 
 
+def test_a_bug_keeps_its_traceback(tmp_path):
+    """Only the project's UsageError becomes one line: an internal ValueError (a bug) must show
+    its traceback rather than pass for bad input."""
+    code = ("import runpy, sys, data\n"
+            "def bug(*a): raise ValueError('internal bug')\n"
+            "data.PromptStream.batch = bug\n"
+            f"sys.argv = ['train.py', '--mode', 'expert', '--out-dir', {str(tmp_path)!r}, *{TINY!r}]\n"
+            "runpy.run_path('train.py', run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" in out.stderr and "ValueError: internal bug" in out.stderr
+
+
 def test_foreign_or_corrupt_checkpoint_is_refused_and_kept(tiny_runs, tmp_path):
     d, _ = tiny_runs
     (tmp_path / "mirror").mkdir()
