@@ -16,11 +16,10 @@ The pipeline, per task (checkpoints under <out-dir>/<task>/):
 Each checkpoint has a <name>.metrics.jsonl beside it. Every flag comes from Config below.
 """
 import argparse
-import inspect
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -34,46 +33,51 @@ from model import load_checkpoint, make_model, size_spec
 from runtime import Run, identity, rank0_print, seed_for, setup
 
 
+def opt(default, help):
+    """A Config field: its default and the one-line help its flag shows (one source for both)."""
+    return field(default=default, metadata=dict(help=help))
+
+
 @dataclass
 class Config:
-    mode: str = "onpolicy"  # expert | base (the warm-started student) | sft | onpolicy
-    task: str = "mirror"  # mirror (default) | countdown
-    digits: int = 5  # mirror: prompt digits
-    answer_len: int = 0  # mirror: answer digits H (0: all of them)
-    n_numbers: int = 3  # countdown: how many numbers
-    max_number: int = 20  # countdown: numbers are drawn from 1..max_number
-    max_target: int = 100  # countdown: targets are in 1..max_target
-    expert_size: str = "medium"  # size of the expert: a name in model.SIZES, or LxWxH
-    student_size: str = "small"  # size of the student: medium is realizable, small misspecified
-    block_size: int = 0  # context length (0: just enough for the task's prompt and response)
-    expert_ckpt: str = ""  # an expert checkpoint to use ('': <out-dir>/<task>/expert.pt, trained if missing)
-    out_dir: str = "out"  # checkpoints go to <out-dir>/<task>/
-    seed: int = 0  # seeds every generator: each role (init, data, sampling, rank) derives its own
-    device: str = "auto"  # auto (cuda if present) | cpu | cuda
-    threads: int = 0  # torch CPU threads (0: torch's default)
-    expert_steps: int = 1500  # expert: optimizer steps on ground truth
-    expert_lr: float = 0.0  # expert: peak learning rate (0: the size's own, model.SIZES)
-    base_steps: int = 600  # student base: warm-start SFT steps on expert samples (see README: why 600)
-    steps: int = 600  # offline and online IL: optimizer steps (the same for both)
-    batch_size: int = 128  # sequences per step, over all ranks (the same for both)
-    lr: float = 0.0  # student: peak learning rate, cosine decay to 10% (0: the size's own)
-    weight_decay: float = 0.0  # AdamW weight decay
-    grad_clip: float = 1.0  # clip the gradient norm to this
-    temperature: float = 1.0  # sampling temperature of expert samples and student rollouts
-    sft_loss: str = "ce"  # offline: ce (SFT) | forward_kl (word-level distillation)
-    gamma: float = 1.0  # online: discount of future per-token KLs (1: sequence-level, 0: per-token)
-    estimator: str = "full"  # online: full (per-token full-vocab KL + REINFORCE) | sampled
-    divergence: str = "reverse"  # online: divergence at student states: reverse | forward | jsd
-    beta: float = 0.5  # online: JSD beta (0 forward KL, 1 reverse KL)
-    mix: float = 0.0  # online: GKD lambda, the fraction of each batch sampled by the expert
-    normalize_adv: bool = True  # online: divide advantages by their std
-    fused: bool = True  # use the fused log-prob kernels (False: naive log_softmax)
-    compile: bool = False  # torch.compile the training forward
-    eval_prompts: int = 256  # held-out prompts for the final evaluation
-    log_every: int = 50  # steps between progress lines
-    eval_every: int = 50  # steps between held-out reward checks (logged to metrics.jsonl)
-    save_every: int = 100  # steps between checkpoints
-    resume: bool = False  # continue from this run's checkpoint (step, optimizer, RNG states)
+    mode: str = opt("onpolicy", "expert | base (the warm-started student) | sft | onpolicy")
+    task: str = opt("mirror", "mirror (default) | countdown")
+    digits: int = opt(5, "mirror: prompt digits")
+    answer_len: int = opt(0, "mirror: answer digits H (0: all of them)")
+    n_numbers: int = opt(3, "countdown: how many numbers")
+    max_number: int = opt(20, "countdown: numbers are drawn from 1..max_number")
+    max_target: int = opt(100, "countdown: targets are in 1..max_target")
+    expert_size: str = opt("medium", "size of the expert: a name in model.SIZES, or LxWxH")
+    student_size: str = opt("small", "size of the student: medium is realizable, small misspecified")
+    block_size: int = opt(0, "context length (0: just enough for the task's prompt and response)")
+    expert_ckpt: str = opt("", "an expert checkpoint to use ('': <out-dir>/<task>/expert.pt, trained if missing)")
+    out_dir: str = opt("out", "checkpoints go to <out-dir>/<task>/")
+    seed: int = opt(0, "seeds every generator: each role (init, data, sampling, rank) derives its own")
+    device: str = opt("auto", "auto (cuda if present) | cpu | cuda")
+    threads: int = opt(0, "torch CPU threads (0: torch's default)")
+    expert_steps: int = opt(1500, "expert: optimizer steps on ground truth")
+    expert_lr: float = opt(0.0, "expert: peak learning rate (0: the size's own, model.SIZES)")
+    base_steps: int = opt(600, "student base: warm-start SFT steps on expert samples (see README: why 600)")
+    steps: int = opt(600, "offline and online IL: optimizer steps (the same for both)")
+    batch_size: int = opt(128, "sequences per step, over all ranks (the same for both)")
+    lr: float = opt(0.0, "student: peak learning rate, cosine decay to 10% (0: the size's own)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this")
+    temperature: float = opt(1.0, "sampling temperature of expert samples and student rollouts")
+    sft_loss: str = opt("ce", "offline: ce (SFT) | forward_kl (word-level distillation)")
+    gamma: float = opt(1.0, "online: discount of future per-token KLs (1: sequence-level, 0: per-token)")
+    estimator: str = opt("full", "online: full (per-token full-vocab KL + REINFORCE) | sampled")
+    divergence: str = opt("reverse", "online: divergence at student states: reverse | forward | jsd")
+    beta: float = opt(0.5, "online: JSD beta (0 forward KL, 1 reverse KL)")
+    mix: float = opt(0.0, "online: GKD lambda, the fraction of each batch sampled by the expert")
+    normalize_adv: bool = opt(True, "online: divide advantages by their std")
+    fused: bool = opt(True, "use the fused log-prob kernels (False: naive log_softmax)")
+    compile: bool = opt(False, "torch.compile the training forward")
+    eval_prompts: int = opt(256, "held-out prompts for the final evaluation")
+    log_every: int = opt(50, "steps between progress lines")
+    eval_every: int = opt(50, "steps between held-out reward checks (logged to metrics.jsonl)")
+    save_every: int = opt(100, "steps between checkpoints")
+    resume: bool = opt(False, "continue from this run's checkpoint (step, optimizer, RNG states)")
 
 
 MODES = ("expert", "base", "sft", "onpolicy")
@@ -82,27 +86,17 @@ CHOICES = dict(mode=MODES, task=("mirror", "countdown"), device=("auto", "cpu", 
 
 
 def parse_args(argv=None):
-    p = OneLineParser(description=__doc__.split("\n")[0])
-    comments = _field_comments()
+    p = OneLineParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")  # argparse %-formats help
         if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=comments[f.name])
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(flag, type=typ, default=f.default, help=comments[f.name], choices=CHOICES.get(f.name))
+            p.add_argument(flag, type=typ, default=f.default, help=text, choices=CHOICES.get(f.name))
     cfg = Config(**vars(p.parse_args(argv)))
     check(cfg)
     return cfg
-
-
-def _field_comments():
-    """Each field's help line is its comment in Config (one source for flags and docs)."""
-    out = {}
-    for line in inspect.getsource(Config).splitlines():
-        if ":" in line and "#" in line:
-            out[line.split(":")[0].strip()] = line.split("#", 1)[1].strip()
-    return out
 
 
 def check(cfg):

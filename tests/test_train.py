@@ -114,6 +114,17 @@ def test_ctrl_c_then_resume_equals_uninterrupted(tiny_runs, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_help_lists_every_flag_with_its_help():
+    """The first command a reader types (it used to die on the '%' in a help line)."""
+    from dataclasses import fields
+    from train import Config
+    out = train("--help", timeout=60)
+    assert out.stderr == ""
+    for f in fields(Config):
+        assert "--" + f.name.replace("_", "-") in out.stdout, f.name
+    assert "cosine decay to 10%" in " ".join(out.stdout.split())
+
+
 @pytest.mark.parametrize("args,message", [
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--task", "nope"], "invalid choice: 'nope'"),
