@@ -10,7 +10,6 @@ Metrics (held-out prompts, disjoint from training prompts):
   rev_kl         sequence-level KL(student || expert), on student samples  (what online IL minimises)
   coverage       distinct valid answers per prompt among k samples (the expert covers every mode)
 """
-import argparse
 import json
 import os
 import sys
@@ -18,7 +17,7 @@ import sys
 import torch
 
 from data import decode_responses, encode_prompts
-from errors import UsageError
+from errors import OneLineParser, UsageError
 
 
 @torch.no_grad()
@@ -230,7 +229,7 @@ def ablation(a, train_args):
 
 
 def horizon(a, train_args):
-    """Reward vs response length H: mirror with a fixed 8-digit prompt, H digits read back."""
+    """Reward vs response length H: mirror with a fixed prompt of max(H) digits, H digits read back."""
     expert_size, *small = a.sizes.split(",")
     sizes, hs = [expert_size, *small], [int(h) for h in a.horizons.split(",")]
     runs = {(h, s): (os.path.join(a.out_dir, f"H{h}", f"seed{s}"),
@@ -284,7 +283,7 @@ def toy(K=10, eps=0.01):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a checkpoint, or run one of the experiments.")
+    p = OneLineParser(description="Evaluate a checkpoint, or run one of the experiments.")
     p.add_argument("checkpoint", nargs="?", help="a student checkpoint to evaluate against its expert")
     p.add_argument("--grid", action="store_true", help="the realizability table: expert, SFT, online students")
     p.add_argument("--ablation", action="store_true", help="the ingredients of online IL, misspecified student")
@@ -292,7 +291,7 @@ def main(argv=None):
     p.add_argument("--toy", action="store_true", help="the exact H=1 forward vs reverse KL projections")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--jobs", type=int, default=2, help="training runs in parallel")
-    p.add_argument("--task", default="mirror", help="task (grid, ablation)")
+    p.add_argument("--task", default="mirror", choices=("mirror", "countdown"), help="task (grid, ablation)")
     p.add_argument("--sizes", default="medium,small", help="the expert's size, then the misspecified size(s)")
     p.add_argument("--horizons", default="1,2,4,8", help="horizon: the values of H")
     p.add_argument("--out-dir", default="", help="where runs go (default out/<experiment>)")
@@ -301,6 +300,12 @@ def main(argv=None):
     experiments = [k for k in ("grid", "ablation", "horizon") if getattr(a, k)]
     if len(experiments) > 1:
         p.error("choose one of --grid, --ablation, --horizon")
+    if a.seeds < 1 or a.jobs < 1:
+        p.error("--seeds and --jobs must be >= 1")
+    if not all(a.sizes.split(",")) or ("ablation" in experiments and len(a.sizes.split(",")) < 2):
+        p.error(f"--sizes {a.sizes!r}: give the expert's size, then the student size(s), e.g. medium,small")
+    if not all(h.isdigit() and int(h) >= 1 for h in a.horizons.split(",")):
+        p.error(f"--horizons {a.horizons!r}: give answer lengths H >= 1, e.g. 1,2,4,8")
     if experiments:
         a.out_dir = a.out_dir or os.path.join("out", experiments[0])
         train_args = ["--task", a.task, *a.train_args.split()] if experiments[0] != "horizon" else a.train_args.split()
