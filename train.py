@@ -111,6 +111,19 @@ def check(cfg):
         bad.append("--beta must be in [0, 1]")
     if not cfg.temperature > 0:
         bad.append("--temperature must be > 0")
+    if not cfg.grad_clip > 0:  # a negative clip norm flips the gradient: ascent
+        bad.append("--grad-clip must be > 0")
+    if cfg.weight_decay < 0:
+        bad.append("--weight-decay must be >= 0")
+    per_rank = cfg.batch_size // int(os.environ.get("WORLD_SIZE", 1))  # torchrun: rows each rank samples
+    if cfg.mix and not 0 < round(cfg.mix * per_rank) < per_rank:
+        bad.append(f"--mix {cfg.mix:g} gives {round(cfg.mix * per_rank)} expert rows of {per_rank} per rank: "
+                   f"a mixed batch needs rows of both")
+    if cfg.estimator == "sampled" and (cfg.divergence != "reverse" or cfg.mix):
+        bad.append("--estimator sampled is the one-sample reverse KL on the student's own rollouts: "
+                   "it takes no --divergence or --mix")
+    if cfg.divergence != "jsd" and cfg.beta != Config.beta:
+        bad.append("--beta applies to --divergence jsd only")
     if cfg.expert_ckpt and not os.path.exists(cfg.expert_ckpt):
         bad.append(f"--expert-ckpt {cfg.expert_ckpt}: no such file")
     if cfg.device == "cuda" and not torch.cuda.is_available():

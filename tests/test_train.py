@@ -138,6 +138,14 @@ def test_help_lists_every_flag_with_its_help():
     (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
     (["--steps", "-1"], "--steps must be >= 0"),
     (["--lr", "abc"], "invalid float value: 'abc'"),
+    (["--grad-clip", "-1"], "--grad-clip must be > 0"),  # a negative clip flips the gradient
+    (["--grad-clip", "0"], "--grad-clip must be > 0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (["--mix", "0.999"], "gives 128 expert rows of 128 per rank"),  # no on-policy rows left
+    (["--mix", "0.001"], "gives 0 expert rows of 128 per rank"),
+    (["--estimator", "sampled", "--divergence", "forward"], "it takes no --divergence or --mix"),
+    (["--estimator", "sampled", "--mix", "0.5"], "it takes no --divergence or --mix"),
+    (["--beta", "0.3"], "--beta applies to --divergence jsd only"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
     out = train(*args, check=False, timeout=60)
