@@ -314,10 +314,14 @@ class PromptStream:
         self.task, self.held_out = task, set(held_out)
         self.g = torch.Generator().manual_seed(seed)
 
-    def batch(self, n):
-        out = []
+    def batch(self, n, max_misses=10_000):
+        out, misses = [], 0
         while len(out) < n:
             p = self.task.sample_prompt(self.g)
             if p not in self.held_out:
                 out.append(p)
+                misses = 0
+            elif (misses := misses + 1) == max_misses:  # the held-out set covers (nearly) every prompt
+                raise UsageError(f"{max_misses:,} training prompts drawn in a row were all held out: task "
+                                 f"{self.task.name} has too few distinct prompts for --eval-prompts {len(self.held_out)}")
         return out

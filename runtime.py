@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 import eval as evaluation
 from errors import UsageError
-from data import Tokenizer, eval_prompts, make_task
+from data import PromptStream, Tokenizer, eval_prompts, make_task
 from model import load_checkpoint, make_model, save_checkpoint
 
 
@@ -69,8 +69,10 @@ def setup(cfg):
     block_size = cfg.block_size or block_size
     for size in (cfg.expert_size, cfg.student_size):  # a bad size fails now, not after training
         make_model(size, block_size, tok.vocab_size, seed=0)
+    held_out = eval_prompts(task, cfg.eval_prompts, seed=seed_for(cfg.seed, "held-out"))
+    PromptStream(task, held_out, seed=0).batch(1)  # and so does a held-out set that leaves no training prompts
     return dict(device=device, rank=rank, world=world, dir=out, tok=tok, task=task, block_size=block_size,
-                task_id=dict(asdict(task)), held_out=eval_prompts(task, cfg.eval_prompts, seed=seed_for(cfg.seed, "held-out")))
+                task_id=dict(asdict(task)), held_out=held_out)
 
 
 def identity(env, model_cfg):

@@ -116,6 +116,16 @@ def test_held_out_prompts_fixed_and_disjoint():
     assert not set(train) & set(a)
 
 
+def test_prompt_stream_stops_when_every_prompt_is_held_out():
+    """2-digit mirror has 100 prompts; holding out all of them used to loop forever."""
+    t = MirrorTask(digits=2)
+    held_out = eval_prompts(t, 100, seed=0)
+    assert len(set(held_out)) == 100
+    with pytest.raises(ValueError, match="all held out: task mirror has too few distinct prompts"):
+        PromptStream(t, held_out, seed=0).batch(1)
+    assert len(PromptStream(t, held_out[:99], seed=0).batch(3)) == 3  # one prompt left is enough
+
+
 def test_unknown_task_is_clear():
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         make_task("nope")

@@ -146,6 +146,7 @@ def test_help_lists_every_flag_with_its_help():
     (["--estimator", "sampled", "--divergence", "forward"], "it takes no --divergence or --mix"),
     (["--estimator", "sampled", "--mix", "0.5"], "it takes no --divergence or --mix"),
     (["--beta", "0.3"], "--beta applies to --divergence jsd only"),
+    (["--digits", "2", "--eval-prompts", "100"], "too few distinct prompts"),  # used to loop forever
 ])
 def test_bad_input_is_one_clear_line(args, message):
     out = train(*args, check=False, timeout=60)
