@@ -76,10 +76,10 @@ def collate(rows, tok):
 def train(run, dataset, cfg, loss_kind="ce"):
     """Offline IL on a fixed dataset. `run` (runtime.py) owns the model, optimizer, logging,
     checkpoints and ranks; this loop holds the algorithm."""
-    n = dataset["prompt"].shape[0]
     B = cfg.batch_size // run.world
     for step in run.steps():
         # ---- states: rows of the dataset the expert sampled before training (offline)
+        n = dataset["prompt"].shape[0]
         start = (step * cfg.batch_size + run.rank * B) % n
         rows = torch.arange(start, start + B) % n
         prompt, pvalid = dataset["prompt"][rows], dataset["prompt_valid"][rows]

@@ -170,12 +170,13 @@ def get_expert(cfg, env):
     if expert is None:
         expert = new_model(cfg, env, cfg.expert_size, "expert")
         rank0_print(env, f"training the expert ({cfg.expert_size}, {expert.n_params():,} parameters) on ground truth")
-        # every rank builds the same dataset; sft.train gives each rank its own rows
-        texts = PromptStream(env["task"], env["held_out"], seed=seed_for(cfg.seed, "expert/prompts")).batch(
-            cfg.expert_steps * cfg.batch_size)
-        g = torch.Generator().manual_seed(seed_for(cfg.seed, "expert/answers"))
-        answers = [sample_answer(env["task"], p, g) for p in texts]
-        data = sft.ground_truth_dataset(env["tok"], env["task"], texts, answers, env["device"])
+        data = None  # a zero-step run needs no data
+        if cfg.expert_steps:  # every rank builds the same dataset; sft.train gives each rank its own rows
+            texts = PromptStream(env["task"], env["held_out"], seed=seed_for(cfg.seed, "expert/prompts")).batch(
+                cfg.expert_steps * cfg.batch_size)
+            g = torch.Generator().manual_seed(seed_for(cfg.seed, "expert/answers"))
+            answers = [sample_answer(env["task"], p, g) for p in texts]
+            data = sft.ground_truth_dataset(env["tok"], env["task"], texts, answers, env["device"])
         fit(cfg, env, "expert", expert, cfg.expert_steps, cfg.expert_lr or size_spec(cfg.expert_size)["lr"], sft.train, data, cfg)
     expert.eval().requires_grad_(False)  # frozen and replicated: no DDP wrapper
     return expert
@@ -183,7 +184,9 @@ def get_expert(cfg, env):
 
 def expert_samples(cfg, env, expert, n, seed):
     """n expert responses to fresh training prompts, cached on disk (students of every size
-    share them)."""
+    share them). None for n=0: a zero-step run needs no data."""
+    if n == 0:
+        return None
     path = os.path.join(env["dir"], f"expert-samples-{n}-{seed}{'-scored' if cfg.sft_loss == 'forward_kl' else ''}.pt")
     key = dict(n=n, seed=seed, temperature=cfg.temperature, score=cfg.sft_loss == "forward_kl",
                expert=[float(p.sum()) for p in expert.parameters()])

@@ -71,6 +71,16 @@ def test_metrics_and_checkpoints_describe_themselves(tiny_runs):
     assert len(sft_steps) == len(steps)
 
 
+def test_zero_steps_train_nothing_and_still_finish(tmp_path):
+    """--expert-steps 0, --base-steps 0 (online IL from a random init) and --steps 0 each used to
+    stop at max() over an empty dataset. Now each saves its untrained model and evaluates it."""
+    train("--mode", "sft", "--out-dir", str(tmp_path), *TINY, "--expert-steps", "0", "--base-steps", "0", "--steps", "0")
+    cks = {n: torch.load(tmp_path / "mirror" / f"{n}.pt", weights_only=True) for n in ("expert", "base-small", "sft-small")}
+    assert all(ck["step"] == ck["total"] == 0 for ck in cks.values())
+    assert all(torch.equal(cks["base-small"]["model"][k], v) for k, v in cks["sft-small"]["model"].items())
+    assert 0 <= result(str(tmp_path), "sft-small")["reward"] <= 1
+
+
 def test_seeded_runs_are_identical(tiny_runs, tmp_path):
     d, _ = tiny_runs
     shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror",
