@@ -96,6 +96,28 @@ def encode_responses(tok, responses, device="cpu"):
     return tokens.to(device), mask.to(device)
 
 
+def collate(rows, tok):
+    """Concatenate chunks whose padded widths differ (prompts left-padded, responses right)."""
+    P = max(r["prompt"].shape[1] for r in rows)
+    R = max(r["response"].shape[1] for r in rows)
+    out = {}
+    for k in rows[0]:
+        parts = []
+        for r in rows:
+            x = r[k]
+            if k.startswith("prompt"):  # left pad
+                fill = tok.pad if k == "prompt" else False
+                x = torch.cat([torch.full((x.shape[0], P - x.shape[1]), fill, dtype=x.dtype, device=x.device), x], 1)
+            elif x.shape[1] < R:  # right pad
+                fill = tok.pad if k == "response" else 0
+                pad = torch.full((x.shape[0], R - x.shape[1], *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
+                x = torch.cat([x, pad], 1)
+            parts.append(x)
+        out[k] = torch.cat(parts)
+    return out
+
+
+
 # ----------------------------------------------------------------------------- tasks
 def _randint(lo, hi, g):
     """Uniform integer in [lo, hi] from a seeded torch.Generator (so runs repeat exactly)."""
