@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from data import decode_responses, encode_prompts
+from data import collate, decode_responses, encode_prompts
 from kernels import IGNORE, token_divergence, token_logprobs
 from model import response_hidden, unwrap
 
@@ -43,17 +43,16 @@ def rollouts(student, expert, prompt_texts, tok, task, cfg, generator, device):
     cfg.temperature (KV cache, no grad). Under --mix (GKD) the first round(mix * B) rows are the
     expert's instead; "on_policy" marks the student's rows and "texts" holds the prompts."""
     prompt, pvalid = encode_prompts(tok, prompt_texts, device)
-    resp, rmask = student.generate(prompt, pvalid, task.max_response_len + 1, tok.end, tok.pad,
-                                   temperature=cfg.temperature, generator=generator)
-    n = round(cfg.mix * len(prompt_texts))
-    if n:  # GKD mixing: some rows come from the expert instead
-        eresp, emask = expert.generate(prompt[:n], pvalid[:n], resp.shape[1], tok.end, tok.pad,
-                                       temperature=cfg.temperature, generator=generator)
-        resp[:n], rmask[:n] = tok.pad, False
-        resp[:n, :eresp.shape[1]], rmask[:n, :emask.shape[1]] = eresp, emask
-    on_policy = torch.arange(len(prompt_texts), device=device) >= n
-    return dict(prompt=prompt, prompt_valid=pvalid, response=resp, response_mask=rmask, on_policy=on_policy,
-                texts=prompt_texts)
+    n, L = round(cfg.mix * len(prompt_texts)), task.max_response_len + 1  # room for the end token
+    resp, rmask = student.generate(prompt[n:], pvalid[n:], L, tok.end, tok.pad, temperature=cfg.temperature,
+                                   generator=generator)
+    rows = [dict(prompt=prompt[n:], prompt_valid=pvalid[n:], response=resp, response_mask=rmask)]
+    if n:  # GKD mixing: some rows come from the expert instead, as long as the expert's own answers
+        resp, rmask = expert.generate(prompt[:n], pvalid[:n], L, tok.end, tok.pad, temperature=cfg.temperature,
+                                      generator=generator)
+        rows.insert(0, dict(prompt=prompt[:n], prompt_valid=pvalid[:n], response=resp, response_mask=rmask))
+    batch = collate(rows, tok)  # responses padded to the wider of the two
+    return dict(**batch, on_policy=torch.arange(len(prompt_texts), device=device) >= n, texts=prompt_texts)
 
 
 def returns_to_go(cost, mask, gamma, include_current):

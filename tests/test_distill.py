@@ -2,8 +2,10 @@
 
 import torch
 
-from data import Tokenizer, encode_prompts
-from distill import advantages, returns_to_go, sequence_kl_surrogate
+from types import SimpleNamespace
+
+from data import MirrorTask, Tokenizer, encode_prompts, encode_responses
+from distill import advantages, returns_to_go, rollouts, sequence_kl_surrogate
 from kernels import IGNORE, token_divergence, token_logprobs
 from model import make_model, response_hidden
 
@@ -102,3 +104,27 @@ def test_prompt_and_padding_get_no_gradient():
     sequence_kl_surrogate(D, logq, mask, 1.0).sum().backward()
     assert h.grad.view(2, 3, -1)[0, 2].abs().max() == 0  # the padded position
     assert h.grad.view(2, 3, -1)[1, 2].abs().max() > 0
+
+
+class Writes:
+    """A stand-in policy that always answers `text` (then the end token), cut at max_new_tokens."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def generate(self, prompt, prompt_valid, max_new_tokens, end_token, pad_token, temperature=1.0, generator=None):
+        resp, mask = encode_responses(tok, [self.text] * len(prompt))
+        return resp[:, :max_new_tokens], mask[:, :max_new_tokens]
+
+
+def test_mix_keeps_the_expert_rows_whole_when_the_students_stop_early():
+    """--mix: the expert's rows used to be cut to the longest student rollout, so when every
+    student stopped at once the expert's answers lost their digits and their end token."""
+    task = MirrorTask(digits=5)
+    batch = rollouts(Writes(""), Writes("31415"), ["31415="] * 4, tok, task, SimpleNamespace(mix=0.5, temperature=1.0),
+                     None, "cpu")
+    assert batch["on_policy"].tolist() == [False, False, True, True]
+    resp, mask = batch["response"], batch["response_mask"]
+    assert mask.sum(1).tolist() == [6, 6, 1, 1]  # 5 digits + end; the students' end alone
+    assert resp[0].tolist() == tok.encode("31415") + [tok.end] and resp[2, 0] == tok.end
+    assert (resp[2:, 1:] == tok.pad).all()
