@@ -16,6 +16,9 @@ per-token objective of GKD/TRL and of Thinking Machines' recipe: at a prefix the
 cannot tell apart (it cannot see which mode it started), per-token KL is minimised by the
 same 50/50 mixture that SFT learns, so gamma=0 gains little over SFT there.
 
+--temperature T samples the rollouts from softmax(z / T), and every score (D, log pi_s, log pi_e)
+is taken at T too, so the objective is KL(pi_s^T || pi_e^T) and its REINFORCE term stays on-policy.
+
 Simplifications: the baseline is the batch mean of the return at each position (it includes
 the row itself, a small bias); advantages are divided by their std (--normalize-adv), which
 rescales the REINFORCE term relative to the first; the gradient norm is clipped.
@@ -98,15 +101,17 @@ def loss(run, expert, batch, cfg):
         h = response_hidden(run.model, prompt, pvalid, resp, rmask).flatten(0, 1)
     W, valid = unwrap(run.model).unembedding, rmask.flatten()
     targets = torch.where(valid, resp.flatten(), IGNORE)
-    D = torch.zeros(rmask.shape, device=rmask.device)
+    # every score at the sampling temperature T: the rollouts come from softmax(z / T), so that is
+    # the policy whose divergence this is and whose score function is on-policy
+    T, D = cfg.temperature, torch.zeros(rmask.shape, device=rmask.device)
     with torch.set_grad_enabled(cfg.estimator == "full"):  # "sampled" only logs it
         D[rmask] = token_divergence(h[valid], W, (h_e[valid], expert.unembedding), cfg.divergence,
-                                    beta=cfg.beta, fused=cfg.fused)
-    logq = token_logprobs(h, W, targets, fused=cfg.fused).view(rmask.shape)
+                                    beta=cfg.beta, temperature=T, fused=cfg.fused)
+    logq = token_logprobs(h, W, targets, temperature=T, fused=cfg.fused).view(rmask.shape)
     if cfg.estimator == "full":
         return sequence_kl_surrogate(D, logq, rmask, cfg.gamma, on_policy, normalize=cfg.normalize_adv), D
     with torch.no_grad():  # sampled-token cost: the one-sample estimate of D_t, no full-vocabulary term
-        logp = token_logprobs(h_e, expert.unembedding, targets).view(rmask.shape)
+        logp = token_logprobs(h_e, expert.unembedding, targets, temperature=T).view(rmask.shape)
     cost = (logq.detach() - logp) * rmask
     returns = returns_to_go(cost, rmask, cfg.gamma, include_current=True)
     return advantages(returns, on_policy, normalize=cfg.normalize_adv) * logq, D

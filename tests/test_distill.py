@@ -1,10 +1,13 @@
 """Online IL's maths: the two-part gradient is the exact gradient of the sequence-level KL."""
+import contextlib
 
+import pytest
 import torch
 
 from types import SimpleNamespace
 
 from data import MirrorTask, Tokenizer, encode_prompts, encode_responses
+import distill
 from distill import advantages, returns_to_go, rollouts, sequence_kl_surrogate
 from kernels import IGNORE, token_divergence, token_logprobs
 from model import make_model, response_hidden
@@ -64,6 +67,40 @@ def test_two_part_gradient_equals_exact_sequence_kl_gradient():
     estimate = torch.autograd.grad((weights * per_token.sum(1)).sum(), list(student.parameters()))
     # and the objective's value: E_q[sum_t D_t] is the sequence KL
     assert torch.allclose((weights * D.sum(1)).sum(), exact_kl, rtol=1e-4)
+    for a, b in zip(estimate, exact):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("estimator", ["full", "sampled"])
+def test_online_loss_is_on_policy_at_any_temperature(estimator):
+    """Rollouts sampled at temperature T come from softmax(z / T), so distill.loss must score
+    D, log q and log p at T, or its REINFORCE term is off-policy. Weighting every response by
+    its probability at T, the expected gradient of the loss must equal the exact gradient of
+    KL(q_T(y|x) || p_T(y|x)), enumerated from plain log_softmax(logits / T), to 1e-4."""
+    T = 0.7
+    student, expert = tiny(0), tiny(1)
+    resp, mask = all_responses(2)
+    prompt, pvalid = encode_prompts(tok, ["31415="] * len(resp))
+    P = prompt.shape[1]
+
+    def seq_logprob(model):  # log pi_T(y|x) from full logits, independent of kernels.py
+        z = model.logits(torch.cat([prompt, resp], 1), torch.cat([pvalid, mask], 1))[:, P - 1:-1]
+        lp = torch.log_softmax(z.double() / T, -1).gather(2, resp[..., None]).squeeze(2)
+        return (lp * mask).sum(1)
+
+    log_q, log_p = seq_logprob(student), seq_logprob(expert).detach()
+    assert abs(log_q.exp().sum().item() - 1) < 1e-9  # every response, at temperature T
+    exact_kl = (log_q.exp() * (log_q - log_p)).sum()
+    exact = torch.autograd.grad(exact_kl, list(student.parameters()))
+
+    batch = dict(prompt=prompt, prompt_valid=pvalid, response=resp, response_mask=mask,
+                 on_policy=torch.ones(len(resp), dtype=torch.bool))
+    cfg = SimpleNamespace(temperature=T, gamma=1.0, estimator=estimator, divergence="reverse", beta=0.5, fused=True,
+                          normalize_adv=False)  # the per-position baseline is a constant here: no bias
+    per_token, D = distill.loss(SimpleNamespace(model=student, autocast=contextlib.nullcontext), expert, batch, cfg)
+    weights = log_q.exp().detach().float()
+    assert torch.allclose((weights * D.sum(1)).sum().double(), exact_kl.detach(), rtol=1e-4)
+    estimate = torch.autograd.grad((weights * per_token.sum(1)).sum(), list(student.parameters()))
     for a, b in zip(estimate, exact):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (a - b).abs().max()
 
