@@ -150,7 +150,8 @@ class GPT(nn.Module):
         for t in range(max_new_tokens):
             if not use_cache:  # the reference: recompute the whole prefix every step
                 h = self(tokens[:, :P + t], valid[:, :P + t])[:, -1]
-            logits = (h @ self.unembedding.T).float() / max(temperature, 1e-8)
+            with torch.autocast(dev.type, enabled=False):  # fp32 logits, as training scores them (kernels.py)
+                logits = (h.float() @ self.unembedding.float().T) / max(temperature, 1e-8)
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, -math.inf)
