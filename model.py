@@ -233,7 +233,7 @@ def load_checkpoint(path, expect=None, device="cpu"):
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such checkpoint")
     try:
-        ck = torch.load(path, map_location=device, weights_only=False)
+        ck = torch.load(path, map_location=device, weights_only=True)  # tensors and plain data only: no code runs
         model = GPT(GPTConfig(**ck["model_args"]))
         model.load_state_dict(ck["model"])
     except Exception as e:  # corrupt or foreign file: say so, in one line

@@ -108,3 +108,17 @@ def test_checkpoint_atomic_and_refuses_mismatch(tmp_path):
         load_checkpoint(str(bad))
     with pytest.raises(ValueError, match="no such checkpoint"):
         load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+class Payload:
+    """Any pickled object that is not a tensor or plain data: unpickling it could run code."""
+
+
+def test_checkpoint_loads_only_tensors_and_plain_data(tmp_path):
+    """load_checkpoint uses torch.load(weights_only=True): a checkpoint is data, never code."""
+    path = str(tmp_path / "m.pt")
+    save_checkpoint(path, model(), step=3, config=dict(lr=0.1), rng=[torch.Generator().get_state()])
+    assert load_checkpoint(path)[1]["step"] == 3  # what run checkpoints hold loads
+    save_checkpoint(path, model(), extra=Payload())
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(path)
