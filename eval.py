@@ -1,6 +1,7 @@
 """Evaluate checkpoints, and run the realizability experiment end to end.
 
-    python eval.py out/mirror/onpolicy-small-g1.pt    # one checkpoint: metrics + samples
+    python eval.py out/mirror/onpolicy-small-g1.pt    # one checkpoint: metrics + samples, against the
+                                                     # expert.pt beside it (its fingerprint must match)
     python eval.py --grid --seeds 3                  # the paper's table, from scratch
 
 Metrics (held-out prompts, disjoint from training prompts):
@@ -285,6 +286,7 @@ def toy(K=10, eps=0.01):
 def main(argv=None):
     p = OneLineParser(description="Evaluate a checkpoint, or run one of the experiments.")
     p.add_argument("checkpoint", nargs="?", help="a student checkpoint to evaluate against its expert")
+    p.add_argument("--expert", default="", help="the checkpoint's expert (default: expert.pt beside it)")
     p.add_argument("--grid", action="store_true", help="the realizability table: expert, SFT, online students")
     p.add_argument("--ablation", action="store_true", help="the ingredients of online IL, misspecified student")
     p.add_argument("--horizon", action="store_true", help="reward vs response length H")
@@ -316,9 +318,15 @@ def main(argv=None):
         print_table("projection", list(res), ["s", "reward", "fwd_kl", "rev_kl"], lambda r, c: f"{res[r][c]:.3f}")
     elif a.checkpoint:
         from data import Tokenizer, eval_prompts, make_task
-        from model import load_checkpoint
+        from model import fingerprint, load_checkpoint
         model, ck = load_checkpoint(a.checkpoint)
-        expert, _ = load_checkpoint(os.path.join(os.path.dirname(a.checkpoint), "expert.pt"), expect=dict(task=ck["task"]))
+        if not {"task", "tokenizer", "config", "seed", "name"} <= set(ck):
+            raise UsageError(f"{a.checkpoint}: not a checkpoint written by train.py")
+        expert_path = a.expert or os.path.join(os.path.dirname(a.checkpoint), "expert.pt")
+        expert, _ = load_checkpoint(expert_path, expect=dict(task=ck["task"], tokenizer=ck["tokenizer"]))
+        if ck["name"] != "expert" and ck.get("expert") != fingerprint(expert):  # a retrained or another expert
+            raise UsageError(f"{expert_path} (fingerprint {fingerprint(expert)}) is not the expert {a.checkpoint} "
+                             f"was trained against ({ck.get('expert') or 'none recorded'}); name that one with --expert")
         tok = Tokenizer()
         task = make_task(ck["task"]["name"], **{k: v for k, v in ck["task"].items() if k != "name"})
         from runtime import seed_for

@@ -5,6 +5,7 @@ out of attention and positions count real tokens only, so a padded batch compute
 what each row would compute alone, and every prompt ends at the same column: sampling
 appends one column per step for the whole batch.
 """
+import hashlib
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -225,6 +226,15 @@ def save_checkpoint(path, model, **extra):
     tmp = f"{path}.tmp.{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def fingerprint(model):
+    """A short hash of a model's weights: which expert a student was trained against."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_checkpoint(path, expect=None, device="cpu"):

@@ -76,8 +76,11 @@ def setup(cfg):
 
 
 def identity(env, model_cfg):
-    """What a checkpoint must match to be loaded by this run: task, tokenizer, model shape."""
-    return dict(task=env["task_id"], tokenizer=env["tok"].identity, model_args=asdict(model_cfg))
+    """What a checkpoint must match to be loaded by this run: task, tokenizer, model shape, and
+    the fingerprint of the expert it learned from (None for the expert itself), so a retrained
+    expert.pt is never silently paired with old bases and students."""
+    return dict(task=env["task_id"], tokenizer=env["tok"].identity, model_args=asdict(model_cfg),
+                expert=env.get("expert"))
 
 
 def rank0_print(env, *a):

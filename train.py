@@ -29,7 +29,7 @@ import eval as evaluation
 import sft
 from data import PromptStream, sample_answer
 from errors import OneLineParser, UsageError
-from model import load_checkpoint, make_model, size_spec
+from model import fingerprint, load_checkpoint, make_model, size_spec
 from runtime import Run, identity, rank0_print, seed_for, setup
 
 
@@ -164,9 +164,9 @@ def get_expert(cfg, env):
         expert = load_finished(cfg.expert_ckpt, env, cfg.expert_size)
         if expert is None:
             raise UsageError(f"--expert-ckpt {cfg.expert_ckpt}: the expert's training did not finish")
-        return expert.eval().requires_grad_(False)
-    path = os.path.join(env["dir"], "expert.pt")
-    expert = None if cfg.mode == "expert" else load_finished(path, env, cfg.expert_size)
+    else:
+        path = os.path.join(env["dir"], "expert.pt")
+        expert = None if cfg.mode == "expert" else load_finished(path, env, cfg.expert_size)
     if expert is None:
         expert = new_model(cfg, env, cfg.expert_size, "expert")
         rank0_print(env, f"training the expert ({cfg.expert_size}, {expert.n_params():,} parameters) on ground truth")
@@ -179,6 +179,7 @@ def get_expert(cfg, env):
             data = sft.ground_truth_dataset(env["tok"], env["task"], texts, answers, env["device"])
         fit(cfg, env, "expert", expert, cfg.expert_steps, cfg.expert_lr or size_spec(cfg.expert_size)["lr"], sft.train, data, cfg)
     expert.eval().requires_grad_(False)  # frozen and replicated: no DDP wrapper
+    env["expert"] = fingerprint(expert)  # every later checkpoint records, and is checked against, it
     return expert
 
 
@@ -188,8 +189,7 @@ def expert_samples(cfg, env, expert, n, seed):
     if n == 0:
         return None
     path = os.path.join(env["dir"], f"expert-samples-{n}-{seed}{'-scored' if cfg.sft_loss == 'forward_kl' else ''}.pt")
-    key = dict(n=n, seed=seed, temperature=cfg.temperature, score=cfg.sft_loss == "forward_kl",
-               expert=[float(p.sum()) for p in expert.parameters()])
+    key = dict(n=n, seed=seed, temperature=cfg.temperature, score=cfg.sft_loss == "forward_kl", expert=env["expert"])
     if os.path.exists(path):
         cached = torch.load(path, map_location=env["device"])
         if cached["key"] == key:

@@ -193,6 +193,26 @@ def test_foreign_or_corrupt_checkpoint_is_refused_and_kept(tiny_runs, tmp_path):
     assert out.returncode != 0 and "not a readable checkpoint" in out.stderr and expert.read_bytes() == b"garbage"
 
 
+def test_students_and_eval_refuse_a_retrained_expert(tiny_runs, tmp_path):
+    """Every checkpoint records its expert's fingerprint: after expert.pt is retrained, the old
+    base is not silently paired with it, and eval.py CHECKPOINT does not trust it either."""
+    d, _ = tiny_runs
+    shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("sft*"))
+    train("--mode", "expert", "--out-dir", str(tmp_path / "other"), *TINY, "--expert-steps", "5", "--seed", "1")
+    shutil.copy(tmp_path / "other" / "mirror" / "expert.pt", tmp_path / "mirror" / "expert.pt")
+    out = train("--mode", "sft", "--out-dir", str(tmp_path), *TINY, check=False)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and len(lines) == 1 and "base-small.pt: made for expert=" in lines[0], out.stderr
+    assert not (tmp_path / "mirror" / "sft-small.pt").exists()
+    student = str(tmp_path / "mirror" / "onpolicy-small-g1.pt")
+    out = subprocess.run([sys.executable, "eval.py", student], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and len(lines) == 1 and "is not the expert" in lines[0], out.stderr
+    out = subprocess.run([sys.executable, "eval.py", student, "--expert", os.path.join(d, "mirror", "expert.pt")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "result: " in out.stdout, out.stderr
+
+
 def test_torchrun_two_processes_match_one(tiny_runs, tmp_path):
     """DDP on CPU (gloo): 2 ranks x 16 sequences == 1 rank x 32, the same SFT rows."""
     d, _ = tiny_runs
