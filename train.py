@@ -191,9 +191,12 @@ def expert_samples(cfg, env, expert, n, seed):
     path = os.path.join(env["dir"], f"expert-samples-{n}-{seed}{'-scored' if cfg.sft_loss == 'forward_kl' else ''}.pt")
     key = dict(n=n, seed=seed, temperature=cfg.temperature, score=cfg.sft_loss == "forward_kl", expert=env["expert"])
     if os.path.exists(path):
-        cached = torch.load(path, map_location=env["device"])
-        if cached["key"] == key:
-            return cached["data"]
+        try:
+            cached = torch.load(path, map_location=env["device"], weights_only=True)
+            if cached["key"] == key:
+                return cached["data"]
+        except Exception as e:  # a damaged cache (an interrupted copy, a full disk) is only a cache
+            rank0_print(env, f"{path}: unreadable ({type(e).__name__}), sampling it again")
     texts = PromptStream(env["task"], env["held_out"], seed=seed).batch(n)
     data = sft.expert_dataset(expert, env["tok"], env["task"], texts, cfg, torch.Generator(env["device"]).manual_seed(seed),
                               env["device"], score=key["score"])

@@ -213,6 +213,20 @@ def test_students_and_eval_refuse_a_retrained_expert(tiny_runs, tmp_path):
     assert out.returncode == 0 and "result: " in out.stdout, out.stderr
 
 
+def test_corrupt_expert_samples_cache_is_sampled_again(tiny_runs, tmp_path):
+    d, _ = tiny_runs
+    shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("sft*", "onpolicy*"))
+    caches = sorted((tmp_path / "mirror").glob("expert-samples-*.pt"))
+    assert caches
+    for i, c in enumerate(caches):  # one cut short, the rest garbage
+        c.write_bytes(c.read_bytes()[:len(c.read_bytes()) // 2] if i == 0 else b"garbage")
+    out = train("--mode", "sft", "--out-dir", str(tmp_path), *TINY)
+    assert "sampling it again" in out.stdout
+    assert result(str(tmp_path), "sft-small") == result(d, "sft-small")  # the same samples, the same run
+    used = next((tmp_path / "mirror").glob("expert-samples-1920-*.pt"))  # --steps 60 x --batch-size 32
+    assert torch.load(used, weights_only=True)["data"]["response"].shape[0] == 1920  # rewritten whole
+
+
 def test_torchrun_two_processes_match_one(tiny_runs, tmp_path):
     """DDP on CPU (gloo): 2 ranks x 16 sequences == 1 rank x 32, the same SFT rows."""
     d, _ = tiny_runs
