@@ -83,6 +83,19 @@ def identity(env, model_cfg):
                 expert=env.get("expert"))
 
 
+def write_atomic(path, text):
+    """Write a temporary file beside `path`, then rename it over `path`: a reader (the grid's
+    "done" check, a resumed run) never sees half a file, and a failed write leaves nothing."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def rank0_print(env, *a):
     if env["rank"] == 0:
         print(*a, flush=True)

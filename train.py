@@ -30,7 +30,7 @@ import sft
 from data import PromptStream, sample_answer
 from errors import OneLineParser, UsageError
 from model import fingerprint, load_checkpoint, make_model, size_spec
-from runtime import Run, identity, rank0_print, seed_for, setup
+from runtime import Run, identity, rank0_print, seed_for, setup, write_atomic
 
 
 def opt(default, help):
@@ -254,8 +254,9 @@ def main(argv=None):
                         env["task"], cfg, prompts=prompts)
     if env["rank"] == 0:
         result = evaluation.evaluate(model, expert, env["tok"], env["task"], env["held_out"], seed=cfg.seed)
-        with open(os.path.join(env["dir"], f"{name}.result.json"), "w") as f:
-            json.dump(dict(name=name, n_params=model.n_params(), **result), f)
+        # the grid's "done" marker: written whole or not at all
+        write_atomic(os.path.join(env["dir"], f"{name}.result.json"),
+                     json.dumps(dict(name=name, n_params=model.n_params(), **result)))
         print(evaluation.describe(f"{name} ({model.n_params():,} params) on {cfg.task}", result, len(env["held_out"])))
     if env["world"] > 1:  # DDP keeps replicas equal; check it rather than trust it
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])

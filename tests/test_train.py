@@ -227,6 +227,24 @@ def test_corrupt_expert_samples_cache_is_sampled_again(tiny_runs, tmp_path):
     assert torch.load(used, weights_only=True)["data"]["response"].shape[0] == 1920  # rewritten whole
 
 
+def test_result_json_is_written_whole_or_not_at_all(tiny_runs, tmp_path, monkeypatch):
+    """result.json is the grid's "done" marker: a run that fails while writing it must not
+    leave a half-written one (it used to be opened in place and dumped into)."""
+    import train as train_py
+    d, _ = tiny_runs
+    shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("sft*", "onpolicy*"))
+    real = train_py.evaluation.evaluate
+    monkeypatch.setattr(train_py.evaluation, "evaluate", lambda *a, **k: dict(real(*a, **k), oops=object()))
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(TypeError, match="not JSON serializable"):
+            train_py.main(["--mode", "sft", "--out-dir", str(tmp_path), *TINY, "--steps", "0"])
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "mirror" / "sft-small.pt").exists()
+    assert not [p.name for p in (tmp_path / "mirror").iterdir() if "result.json" in p.name and "sft" in p.name]
+
+
 def test_torchrun_two_processes_match_one(tiny_runs, tmp_path):
     """DDP on CPU (gloo): 2 ranks x 16 sequences == 1 rank x 32, the same SFT rows."""
     d, _ = tiny_runs
