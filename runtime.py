@@ -5,7 +5,7 @@ setup(cfg) -> env: device (CUDA when present), torch.distributed ranks when laun
     prompts.
 Run: the optimizer and its schedule, progress lines and metrics.jsonl, atomic checkpoints with
     RNG states (--resume continues exactly), Ctrl-C (save at the end of the step, then exit),
-    and a non-finite loss (stop, keep the last good checkpoint).
+    and a non-finite loss or gradient (stop before the step, keep the last good checkpoint).
 The loops in sft.py and distill.py receive a Run and hold only the algorithm.
 """
 import contextlib
@@ -122,6 +122,7 @@ class Run:
         self.sample_gen = torch.Generator(self.device).manual_seed(seed_for(cfg.seed, f"{name}/sampling", self.rank))
         self.prompts = None  # a PromptStream whose generator is checkpointed, set by the caller
         self.start, self.totals, self.stop_requested, self.t0 = 0, {}, False, time.time()
+        self.step, self.saved, self.pending = 0, None, None  # saved: step of the last checkpoint written
         self.model = model
         if self.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(model)
@@ -138,24 +139,29 @@ class Run:
         self.sample_gen.set_state(ck["rng"]["sample"][self.rank].cpu())
         if self.prompts is not None:
             self.prompts.g.set_state(ck["rng"]["prompts"][self.rank])
-        self.start, self.totals = ck["step"], ck["totals"]
+        self.start, self.totals, self.saved = ck["step"], ck["totals"], ck["step"]
         rank0_print(self.env, f"resumed {self.path} at step {self.start}")
 
     def steps(self):
-        """Yield step numbers; save every save_every steps, on Ctrl-C, and at the end."""
+        """Yield step numbers. Checkpoints: at the end and on Ctrl-C at once; every save_every
+        steps once the next step has found the weights good (finite loss and gradient, see
+        optimize), so a checkpoint kept after a divergence is one that trains on."""
         old = signal.signal(signal.SIGINT, self._on_sigint) if self.rank == 0 else None
         try:
             if self.total == 0:
-                self.save(0)
+                self.save(self.snapshot(0))
             for step in range(self.start, self.total):
                 for group in self.opt.param_groups:
                     group["lr"] = self.lr * lr_factor(step, self.total)
+                self.step = step
                 yield step
                 if self.rank == 0 and ((step + 1) % self.cfg.eval_every == 0 or step + 1 == self.total):
                     self.log_eval(step)
                 stop = self.global_sum(torch.tensor(int(self.stop_requested))) > 0
-                if stop or (step + 1) % self.cfg.save_every == 0 or step + 1 == self.total:
-                    self.save(step + 1)
+                if stop or step + 1 == self.total:  # no later step will check these weights
+                    self.save(self.snapshot(step + 1))
+                elif (step + 1) % self.cfg.save_every == 0:
+                    self.pending = self.snapshot(step + 1)
                 if stop:
                     rank0_print(self.env, f"interrupted: saved {self.path} at step {step + 1}; continue with --resume")
                     raise SystemExit(130)
@@ -170,11 +176,16 @@ class Run:
         print("\nCtrl-C: saving at the end of this step (again to abort)", flush=True)
 
     def optimize(self, loss):
-        if not torch.isfinite(loss):
-            raise UsageError(f"non-finite loss ({loss.item()}) in {self.name}; "
-                             f"the last good checkpoint is kept ({self.path})")
-        loss.backward()
+        """Backward, clip and step, unless the loss or the gradient is not finite on any rank:
+        then every rank stops before the step, and the last checkpoint written stays."""
+        loss.backward()  # on every rank, finite or not: DDP's gradient all-reduce needs them all
         norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
+        if self.global_sum(torch.tensor(int(not (torch.isfinite(loss) and torch.isfinite(norm))))) > 0:
+            raise UsageError(f"non-finite loss or gradient at step {self.step + 1} of {self.name} (loss "
+                             f"{loss.item():.4g}, grad_norm {norm.item():.4g}); {self.kept()}")
+        if self.pending is not None:  # the weights it holds just gave a finite loss and gradient
+            self.save(self.pending)
+            self.pending = None
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return norm.item()
@@ -216,13 +227,24 @@ class Run:
         with open(os.path.join(self.env["dir"], f"{self.name}.metrics.jsonl"), "a") as f:
             f.write(json.dumps(dict(step=step + 1, eval_reward=reward)) + "\n")
 
-    def save(self, step):
-        rng = dict(sample=self.gather_rng(self.sample_gen), prompts=self.gather_rng(self.prompts.g) if self.prompts else None)
-        if self.rank != 0:
-            return
-        save_checkpoint(self.path, self.raw, optimizer=self.opt.state_dict(), step=step, total=self.total, totals=self.totals,
-                        config=asdict(self.cfg), seed=self.cfg.seed, rng=rng, name=self.name,
-                        **identity(self.env, self.raw.cfg))
+    def kept(self):
+        return (f"the last good checkpoint is kept ({self.path}, step {self.saved})" if self.saved is not None
+                else "no checkpoint of this run was written")
+
+    def snapshot(self, step):
+        """What a checkpoint at `step` holds besides the weights and the optimizer state (those
+        stay as they are until the next opt.step(), so a snapshot can be written later)."""
+        return dict(step=step, totals=dict(self.totals), rng=dict(
+            sample=self.gather_rng(self.sample_gen), prompts=self.gather_rng(self.prompts.g) if self.prompts else None))
+
+    def save(self, snap):
+        if not all(torch.isfinite(p).all() for p in self.raw.parameters()):
+            raise UsageError(f"non-finite weights at step {snap['step']} of {self.name}; {self.kept()}")
+        self.saved = snap["step"]
+        if self.rank == 0:
+            save_checkpoint(self.path, self.raw, optimizer=self.opt.state_dict(), step=snap["step"], total=self.total,
+                            totals=snap["totals"], config=asdict(self.cfg), seed=self.cfg.seed, rng=snap["rng"],
+                            name=self.name, **identity(self.env, self.raw.cfg))
 
     def gather_rng(self, g):
         states = [g.get_state()]

@@ -267,12 +267,22 @@ def test_torchrun_two_processes_match_one(tiny_runs, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_runs, tmp_path):
+    """The checkpoint kept after a divergence is one whose weights gave a finite loss and
+    gradient, so resuming it trains on. It used to be the diverged one: a step at lr ~1e29
+    gives finite weights of ~1e29, saved at once, then a NaN loss at the next step."""
     d, _ = tiny_runs
     shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("onpolicy*", "sft*"))
-    # an absurd learning rate blows the weights up within a few steps
-    out = train("--mode", "sft", "--out-dir", str(tmp_path), *TINY, "--lr", "1e30", "--save-every", "1", check=False)
+    args = ["--mode", "sft", "--out-dir", str(tmp_path), *TINY, "--save-every", "1"]
+    out = train(*args, "--lr", "1e30", check=False)  # blows the weights up in one step
+    assert out.returncode != 0 and "no checkpoint of this run was written" in out.stderr
+    train(*args, "--steps", "10")  # ten good steps, then a learning rate that diverges at once
+    out = train(*args, "--resume", "--lr", "1e30", check=False)
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "non-finite loss" in lines[0] and "last good checkpoint is kept" in lines[0]
     ck = torch.load(tmp_path / "mirror" / "sft-small.pt", weights_only=False)
     assert 1 <= ck["step"] < 60 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert ck["step"] == 10  # the weights the diverging step started from, not the ones it made
+    train(*args, "--resume")  # the kept checkpoint trains on to the end
+    ck = torch.load(tmp_path / "mirror" / "sft-small.pt", weights_only=True)
+    assert ck["step"] == 60 and all(torch.isfinite(v).all() for v in ck["model"].values())

@@ -1,0 +1,68 @@
+"""runtime.Run in-process: non-finite gradients, and the stop flags of two DDP ranks."""
+import multiprocessing
+import os
+import socket
+
+import pytest
+import torch
+
+from errors import UsageError
+from model import make_model
+from runtime import Run, setup
+from train import parse_args
+
+FLAGS = ["--digits", "2", "--expert-size", "tiny", "--student-size", "tiny", "--batch-size", "4", "--eval-prompts", "8"]
+
+
+def make_run(out_dir, *flags, total=10):
+    cfg = parse_args([*FLAGS, "--out-dir", str(out_dir), *flags])
+    env = setup(cfg)  # under torch.distributed's RANK/WORLD_SIZE variables this joins the group
+    model = make_model("tiny", env["block_size"], env["tok"].vocab_size, seed=0)
+    return Run(cfg, env, "t", model, total, 1e-3)
+
+
+def test_non_finite_gradient_with_finite_loss_stops_before_the_step(tmp_path):
+    """sqrt(0 * w) is 0, but its gradient is 0 * inf = NaN: the loss check alone let it through
+    and opt.step() wrote NaN into every weight."""
+    run = make_run(tmp_path)
+    before = [p.detach().clone() for p in run.raw.parameters()]
+    loss = torch.sqrt((run.raw.wte.weight * 0).sum())
+    assert torch.isfinite(loss)
+    with pytest.raises(UsageError, match="non-finite loss or gradient"):
+        run.optimize(loss)
+    assert all(torch.equal(a, b) for a, b in zip(before, run.raw.parameters()))
+
+
+def _one_rank_has_a_nan_loss(rank, port, out_dir, results):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    run = make_run(out_dir)
+    tokens = torch.tensor([[1, 2, 3]])
+    loss = run.model(tokens, torch.ones_like(tokens, dtype=torch.bool)).sum() * (float("nan") if rank else 1.0)
+    try:
+        run.optimize(loss)
+        results.put((rank, "stepped"))
+    except UsageError:
+        results.put((rank, "stopped"))
+
+
+def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    """Under torchrun one rank's NaN must stop all of them: a rank that raised alone left the
+    others waiting in DDP's gradient all-reduce for ever."""
+    ctx = multiprocessing.get_context("spawn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_one_rank_has_a_nan_loss, args=(r, port, str(tmp_path), results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = sorted(results.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    assert got == [(0, "stopped"), (1, "stopped")]
