@@ -146,7 +146,7 @@ class Run:
         """Yield step numbers. Checkpoints: at the end and on Ctrl-C at once; every save_every
         steps once the next step has found the weights good (finite loss and gradient, see
         optimize), so a checkpoint kept after a divergence is one that trains on."""
-        old = signal.signal(signal.SIGINT, self._on_sigint) if self.rank == 0 else None
+        old = signal.signal(signal.SIGINT, self._on_sigint)  # every rank: torchrun passes Ctrl-C to each
         try:
             if self.total == 0:
                 self.save(self.snapshot(0))
@@ -166,14 +166,13 @@ class Run:
                     rank0_print(self.env, f"interrupted: saved {self.path} at step {step + 1}; continue with --resume")
                     raise SystemExit(130)
         finally:
-            if old is not None:
-                signal.signal(signal.SIGINT, old)
+            signal.signal(signal.SIGINT, old)
 
     def _on_sigint(self, *_):
         if self.stop_requested:  # a second Ctrl-C stops at once (the last checkpoint stays)
             raise KeyboardInterrupt
-        self.stop_requested = True
-        print("\nCtrl-C: saving at the end of this step (again to abort)", flush=True)
+        self.stop_requested = True  # the ranks agree on stopping at the step's end (steps())
+        rank0_print(self.env, "\nCtrl-C: saving at the end of this step (again to abort)")
 
     def optimize(self, loss):
         """Backward, clip and step, unless the loss or the gradient is not finite on any rank:

@@ -1,6 +1,7 @@
-"""runtime.Run in-process: non-finite gradients, and the stop flags of two DDP ranks."""
+"""runtime.Run in-process: non-finite gradients, Ctrl-C on every rank, and the stop flags of two DDP ranks."""
 import multiprocessing
 import os
+import signal
 import socket
 
 import pytest
@@ -66,3 +67,21 @@ def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
             if p.is_alive():
                 p.kill()
     assert got == [(0, "stopped"), (1, "stopped")]
+
+
+def test_every_rank_finishes_its_step_on_ctrl_c(tmp_path):
+    """torchrun passes Ctrl-C to every worker. The handler used to be on rank 0 only, so the
+    other ranks died mid-step and rank 0 waited for them; now each finishes the step, and they
+    stop together (exit 130) after the checkpoint."""
+    run = make_run(tmp_path)
+    run.rank = 1  # a second rank (world 1 here, so no process group is needed)
+    before, code, finished = signal.getsignal(signal.SIGINT), None, []
+    try:
+        for step in run.steps():
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives mid-step
+            finished.append(step)
+    except KeyboardInterrupt:
+        pytest.fail("a rank other than 0 died on Ctrl-C instead of finishing its step")
+    except SystemExit as e:
+        code = e.code
+    assert code == 130 and finished == [0] and signal.getsignal(signal.SIGINT) is before
