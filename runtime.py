@@ -132,11 +132,13 @@ class Run:
     def resume_if_asked(self):
         if not (self.cfg.resume and os.path.exists(self.path)):
             return
-        _, ck = load_checkpoint(self.path, expect=dict(identity(self.env, self.raw.cfg), name=self.name),
-                                device=self.device)
+        # read on the CPU: generator states must be CPU ByteTensors (the prompt stream's generator
+        # lives on the CPU even on a GPU run); the weights and the optimizer state are copied to
+        # the model's device by their load_state_dict
+        _, ck = load_checkpoint(self.path, expect=dict(identity(self.env, self.raw.cfg), name=self.name), device="cpu")
         self.raw.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
-        self.sample_gen.set_state(ck["rng"]["sample"][self.rank].cpu())
+        self.sample_gen.set_state(ck["rng"]["sample"][self.rank])
         if self.prompts is not None:
             self.prompts.g.set_state(ck["rng"]["prompts"][self.rank])
         self.start, self.totals, self.saved = ck["step"], ck["totals"], ck["step"]

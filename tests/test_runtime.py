@@ -1,4 +1,5 @@
-"""runtime.Run in-process: non-finite gradients, Ctrl-C on every rank, and the stop flags of two DDP ranks."""
+"""runtime.Run in-process: non-finite gradients, Ctrl-C on every rank, the stop flags of two DDP
+ranks, and resuming a GPU run (simulated)."""
 import multiprocessing
 import os
 import signal
@@ -7,6 +8,8 @@ import socket
 import pytest
 import torch
 
+import runtime
+from data import PromptStream
 from errors import UsageError
 from model import make_model
 from runtime import Run, setup
@@ -85,3 +88,31 @@ def test_every_rank_finishes_its_step_on_ctrl_c(tmp_path):
     except SystemExit as e:
         code = e.code
     assert code == 130 and finished == [0] and signal.getsignal(signal.SIGINT) is before
+
+
+def test_resume_reads_the_checkpoint_on_the_cpu(tmp_path, monkeypatch):
+    """--resume on CUDA mapped the whole checkpoint to the GPU, and the CPU prompt generator
+    refused its state (TypeError). Simulated: a run that believes it is on cuda:0, and a
+    load_checkpoint that puts the prompt generator's state on the device it is asked for
+    ('meta' stands in for the GPU; the old code moved the sample generator's state back with
+    .cpu(), which meta cannot do). Resume must read on the CPU and restore both generators."""
+    run = make_run(tmp_path)
+    run.prompts = PromptStream(run.env["task"], run.env["held_out"], seed=1)
+    run.prompts.batch(3)
+    run.save(run.snapshot(3))
+    saved = run.prompts.g.get_state(), run.sample_gen.get_state()
+    run = make_run(tmp_path, "--resume")
+    run.prompts = PromptStream(run.env["task"], run.env["held_out"], seed=2)
+    run.device = "cuda:0"  # what a GPU run holds (its sample generator is built already)
+    real = runtime.load_checkpoint
+
+    def mapped(path, expect=None, device="cpu"):
+        model, ck = real(path, expect, "cpu")
+        if device != "cpu":
+            ck["rng"]["prompts"] = [s.to("meta") for s in ck["rng"]["prompts"]]
+        return model, ck
+
+    monkeypatch.setattr(runtime, "load_checkpoint", mapped)
+    run.resume_if_asked()
+    assert run.start == 3 and torch.equal(run.prompts.g.get_state(), saved[0])
+    assert torch.equal(run.sample_gen.get_state(), saved[1])
