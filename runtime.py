@@ -136,6 +136,9 @@ class Run:
         # lives on the CPU even on a GPU run); the weights and the optimizer state are copied to
         # the model's device by their load_state_dict
         _, ck = load_checkpoint(self.path, expect=dict(identity(self.env, self.raw.cfg), name=self.name), device="cpu")
+        if len(ck["rng"]["sample"]) != self.world:  # each rank resumes its own sampling stream
+            raise UsageError(f"{self.path} was saved by {len(ck['rng']['sample'])} rank(s): resume it with as many "
+                             f"(torchrun --nproc_per_node {len(ck['rng']['sample'])}), not {self.world}")
         self.raw.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
         self.sample_gen.set_state(ck["rng"]["sample"][self.rank])

@@ -135,6 +135,20 @@ def test_help_lists_every_flag_with_its_help():
     assert "cosine decay to 10%" in " ".join(out.stdout.split())
 
 
+def test_resume_with_another_number_of_ranks_is_one_clear_line(tiny_runs, tmp_path):
+    """Each rank resumes its own generator states; another world size used to be an IndexError
+    traceback (more ranks) or a silent resume with the wrong streams (fewer)."""
+    d, _ = tiny_runs
+    shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("sft*"))
+    path = tmp_path / "mirror" / "onpolicy-small-g1.pt"
+    ck = torch.load(path, weights_only=True)
+    ck["rng"] = {k: v * 2 for k, v in ck["rng"].items()}  # as if saved by 2 ranks
+    torch.save(ck, path)
+    out = train("--mode", "onpolicy", "--out-dir", str(tmp_path), *TINY, "--resume", check=False)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and len(lines) == 1 and "was saved by 2 rank(s)" in lines[0], out.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--task", "nope"], "invalid choice: 'nope'"),
