@@ -96,6 +96,14 @@ def write_atomic(path, text):
             os.remove(tmp)
 
 
+def _step_of(line):
+    """The step of a metrics.jsonl row; infinite for a line cut short by a crash (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def rank0_print(env, *a):
     if env["rank"] == 0:
         print(*a, flush=True)
@@ -116,6 +124,7 @@ class Run:
         self.cfg, self.env, self.name, self.total = cfg, env, name, total_steps
         self.device, self.rank, self.world = env["device"], env["rank"], env["world"]
         self.path = os.path.join(env["dir"], f"{name}.pt")
+        self.metrics = os.path.join(env["dir"], f"{name}.metrics.jsonl")
         self.raw = model
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         self.lr = lr
@@ -130,8 +139,19 @@ class Run:
             self.model = torch.compile(self.model)
 
     def resume_if_asked(self):
-        if not (self.cfg.resume and os.path.exists(self.path)):
-            return
+        """--resume: continue from this run's checkpoint. Either way metrics.jsonl then holds this
+        run alone, each step once: emptied on a fresh start, cut back to the checkpoint's step on
+        a resume (a crash after a checkpoint leaves rows that the resumed run writes again)."""
+        if self.cfg.resume and os.path.exists(self.path):
+            self.resume()
+        if self.rank == 0:
+            rows = []
+            if self.start and os.path.exists(self.metrics):
+                with open(self.metrics) as f:
+                    rows = [line for line in f if _step_of(line) <= self.start]
+            write_atomic(self.metrics, "".join(rows))
+
+    def resume(self):
         # read on the CPU: generator states must be CPU ByteTensors (the prompt stream's generator
         # lives on the CPU even on a GPU run); the weights and the optimizer state are copied to
         # the model's device by their load_state_dict
@@ -213,7 +233,7 @@ class Run:
             return
         rec = dict(step=step + 1, **metrics, **{f"total_{k}": v for k, v in self.totals.items()},
                    elapsed=time.time() - self.t0)
-        with open(os.path.join(self.env["dir"], f"{self.name}.metrics.jsonl"), "a") as f:
+        with open(self.metrics, "a") as f:
             f.write(json.dumps(rec) + "\n")
         if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.total:
             done = step + 1 - self.start
@@ -228,7 +248,7 @@ class Run:
         prompts = self.env["held_out"][:max(1, len(self.env["held_out"]) // 4)]
         reward = evaluation.quick_eval(self.raw, self.env["tok"], self.env["task"], prompts, seed=step)["reward"]
         self.raw.train()
-        with open(os.path.join(self.env["dir"], f"{self.name}.metrics.jsonl"), "a") as f:
+        with open(self.metrics, "a") as f:
             f.write(json.dumps(dict(step=step + 1, eval_reward=reward)) + "\n")
 
     def kept(self):
