@@ -244,6 +244,8 @@ class _Parser:
             self.i += 1
         if j == self.i or self.i - j > 6:
             raise ValueError("expected a number")
+        if self.s[j] == "0" and self.i - j > 1:  # 02 or 0003: the ground truth never writes them
+            raise ValueError("leading zero")
         self.used.append(int(self.s[j:self.i]))
         return Fraction(self.used[-1])
 
