@@ -16,20 +16,23 @@ per-token objective of GKD/TRL and of Thinking Machines' recipe: at a prefix the
 cannot tell apart (it cannot see which mode it started), per-token KL is minimised by the
 same 50/50 mixture that SFT learns, so gamma=0 gains little over SFT there.
 
---temperature T samples the rollouts from softmax(z / T), and every score (D, log pi_s, log pi_e)
-is taken at T too, so the objective is KL(pi_s^T || pi_e^T) and its REINFORCE term stays on-policy.
+--temperature T samples the rollouts from softmax(z / T), and every score (D, log pi_s,
+log pi_e) is taken at T too: the objective is KL(pi_s^T || pi_e^T), and its REINFORCE term
+stays on-policy.
 
 Simplifications: the baseline is the batch mean of the return at each position (it includes
 the row itself, a small bias); advantages are divided by their std (--normalize-adv), which
 rescales the REINFORCE term relative to the first; the gradient norm is clipped.
 Options: --estimator sampled uses the sampled-token cost c_t = log pi_s(y_t) - log pi_e(y_t)
 in place of D (Thinking Machines style at gamma=0: no full-vocabulary term, return
-sum_{t>=s} gamma^(t-s) c_t);
---divergence forward|jsd uses that divergence at the student's states; --mix lambda draws
-that fraction of each batch from the expert (GKD), with no score-function term on those rows.
+sum_{t>=s} gamma^(t-s) c_t; a reverse-KL estimator on the student's own rows, so it takes no
+--divergence or --mix); --divergence forward|jsd uses that divergence at the student's states;
+--mix lambda draws that fraction of each batch from the expert (GKD), with no score-function
+term on those rows.
 
 Run: python train.py --mode onpolicy   (flags: python train.py --help).
-This file is structurally parallel to sft.py: `diff sft.py distill.py`.
+This file is structurally parallel to sft.py: `diff sft.py distill.py` shows where the states
+come from (rollouts() here, expert_dataset() there) and the loss (loss() in each).
 """
 import time
 

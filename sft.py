@@ -14,7 +14,7 @@ expert's next-token distribution at each of the expert's states (scored before t
 Also used to train the expert on ground-truth answers and to warm-start the student base.
 Run: python train.py --mode sft   (flags: python train.py --help).
 This file is structurally parallel to distill.py: `diff sft.py distill.py` shows where the
-states come from and the loss.
+states come from (expert_dataset() here, rollouts() there) and the loss (loss() in each).
 """
 import time
 
