@@ -169,6 +169,30 @@ def test_resume_with_another_number_of_ranks_is_one_clear_line(tiny_runs, tmp_pa
     assert out.returncode != 0 and len(lines) == 1 and "was saved by 2 rank(s)" in lines[0], out.stderr
 
 
+def test_killed_run_resumes_from_its_held_back_checkpoint_exactly(tiny_runs, tmp_path):
+    """Periodic checkpoints are written one step late (once the next step found the weights
+    good) with the RNG states of the step they belong to: a run killed between checkpoints
+    resumes to the same weights as an uninterrupted one, and metrics.jsonl has each step once."""
+    d, _ = tiny_runs
+    shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("onpolicy*", "sft*"))
+    args = ["--mode", "onpolicy", "--out-dir", str(tmp_path), *TINY, "--save-every", "10"]
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "mirror" / "onpolicy-small-g1.metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count('"loss"') >= 25) and time.time() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait(timeout=60)
+    ck = torch.load(tmp_path / "mirror" / "onpolicy-small-g1.pt", weights_only=True)
+    assert 10 <= ck["step"] < 60, "kill the run between checkpoints"
+    train(*args, "--resume")
+    a = torch.load(os.path.join(d, "mirror", "onpolicy-small-g1.pt"), weights_only=True)["model"]
+    b = torch.load(tmp_path / "mirror" / "onpolicy-small-g1.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line] == list(range(1, 61))
+
+
 @pytest.mark.parametrize("args,message", [
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--task", "nope"], "invalid choice: 'nope'"),
