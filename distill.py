@@ -137,6 +137,6 @@ def train(run, expert, prompts, tok, task, cfg):
         grad_norm = run.optimize(objective)
         texts = [t for t, o in zip(batch["texts"], own) if o]
         reward = sum(map(task.reward, texts, decode_responses(tok, batch["response"][own], rmask[own]))) / len(texts)
-        run.log(step, loss=objective.item(), grad_norm=grad_norm, reward=reward, kl=D.detach().sum(1)[own].mean().item(),
-                student_tokens=int(rmask[own].sum()), expert_tokens=int(rmask.sum()),
-                tok_per_s=int(rmask.sum()) / (time.time() - t0 + 1e-9))
+        run.log(step, loss=objective.item(), grad_norm=grad_norm, reward=reward,
+                kl=D.detach().sum(1)[own].mean().item(), student_tokens=int(rmask[own].sum()),
+                expert_tokens=int(rmask.sum()), tok_per_s=int(rmask.sum()) / (time.time() - t0 + 1e-9))
