@@ -36,22 +36,24 @@ def test_kv_cache_sampling_equals_full_recompute(temperature, top_k):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
-def test_sampler_picks_from_fp32_logits_under_bf16_autocast():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_sampler_picks_from_fp32_logits_under_bf16_autocast(device):
     """On CUDA the sampler runs under bf16 autocast, while training scores tokens with fp32
     logits (kernels.py), so the sampler must use fp32 logits too: the policy sampled is the
     policy trained. Logits 1.000 and 1.001 are equal in bf16; greedy decoding must still pick
-    the larger. CPU autocast stands in for CUDA's."""
-    m = model()
+    the larger. Without a GPU, CPU autocast stands in for CUDA's."""
+    m = model().to(device)
     d = m.cfg.n_embd
     with torch.no_grad():
         m.wte.weight.zero_()
         m.wte.weight[:, 0] = -1.0
         m.wte.weight[3, 0], m.wte.weight[7, 0] = 1.0, 1.001
-    h = torch.zeros(1, 1, d)
+    h = torch.zeros(1, 1, d, device=device)
     h[..., 0] = 1.0
     m.forward = lambda tokens, valid, cache=None, start=0, pos=None: h.expand(tokens.shape[0], tokens.shape[1], d)
-    prompt, valid = encode_prompts(tok, ["1="])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    prompt, valid = encode_prompts(tok, ["1="], device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         resp, _ = m.generate(prompt, valid, 1, tok.end, tok.pad, temperature=0.0)
     assert resp[0, 0] == 7
 

@@ -15,13 +15,14 @@ from model import make_model
 from runtime import Run, setup
 from train import parse_args
 
-FLAGS = ["--digits", "2", "--expert-size", "tiny", "--student-size", "tiny", "--batch-size", "4", "--eval-prompts", "8"]
+FLAGS = ["--digits", "2", "--expert-size", "tiny", "--student-size", "tiny", "--batch-size", "4", "--eval-prompts", "8",
+         "--device", "cpu"]
 
 
 def make_run(out_dir, *flags, total=10):
     cfg = parse_args([*FLAGS, "--out-dir", str(out_dir), *flags])
     env = setup(cfg)  # under torch.distributed's RANK/WORLD_SIZE variables this joins the group
-    model = make_model("tiny", env["block_size"], env["tok"].vocab_size, seed=0)
+    model = make_model("tiny", env["block_size"], env["tok"].vocab_size, seed=0).to(env["device"])
     return Run(cfg, env, "t", model, total, 1e-3)
 
 
@@ -116,3 +117,21 @@ def test_resume_reads_the_checkpoint_on_the_cpu(tmp_path, monkeypatch):
     run.resume_if_asked()
     assert run.start == 3 and torch.equal(run.prompts.g.get_state(), saved[0])
     assert torch.equal(run.sample_gen.get_state(), saved[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_resume_on_cuda_restores_every_generator(tmp_path):
+    """The real case the test above simulates: a run on the GPU, its CPU prompt generator and
+    its CUDA sampling generator, saved and resumed."""
+    run = make_run(tmp_path, "--device", "cuda")
+    run.prompts = PromptStream(run.env["task"], run.env["held_out"], seed=1)
+    run.prompts.batch(3)
+    torch.rand(5, device="cuda", generator=run.sample_gen)
+    run.save(run.snapshot(3))
+    saved = run.prompts.g.get_state(), run.sample_gen.get_state(), [p.detach().cpu() for p in run.raw.parameters()]
+    run = make_run(tmp_path, "--device", "cuda", "--resume")
+    run.prompts = PromptStream(run.env["task"], run.env["held_out"], seed=2)
+    run.resume_if_asked()
+    assert run.start == 3 and torch.equal(run.prompts.g.get_state(), saved[0])
+    assert torch.equal(run.sample_gen.get_state(), saved[1])
+    assert all(p.is_cuda and torch.equal(p.cpu(), q) for p, q in zip(run.raw.parameters(), saved[2]))
