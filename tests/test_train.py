@@ -85,20 +85,20 @@ def test_metrics_jsonl_holds_one_run_each_step_once(tiny_runs, tmp_path):
     """metrics.jsonl was opened for appending and never reset: a rerun added a second run to it,
     and after a crash and --resume the steps past the checkpoint appeared twice."""
     d, _ = tiny_runs
-    shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("onpolicy*", "sft*"))
+    shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("onpolicy*"))
     args = ["--mode", "sft", "--out-dir", str(tmp_path), *TINY]
     metrics = tmp_path / "mirror" / "sft-small.metrics.jsonl"
 
     def steps_logged():
         return [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
 
-    train(*args, "--steps", "10")
-    train(*args, "--steps", "10")  # a fresh rerun replaces the first run's rows
-    assert steps_logged() == list(range(1, 11))
-    with open(metrics, "a") as f:  # what a crash after step 10's checkpoint leaves: later rows, a cut line
-        f.write(json.dumps(dict(step=11, loss=0.0)) + "\n" + '{"step": 12, "lo')
-    train(*args, "--steps", "12", "--resume")
-    assert steps_logged() == list(range(1, 13))
+    assert steps_logged() == list(range(1, 61))  # tiny_runs' own sft run
+    train(*args)  # a fresh rerun replaces that run's rows
+    assert steps_logged() == list(range(1, 61))
+    with open(metrics, "a") as f:  # what a crash after step 60's checkpoint leaves: later rows, a cut line
+        f.write(json.dumps(dict(step=61, loss=0.0)) + "\n" + '{"step": 62, "lo')
+    train(*args, "--steps", "62", "--resume")
+    assert steps_logged() == list(range(1, 63))
 
 
 def test_seeded_runs_are_identical(tiny_runs, tmp_path):
