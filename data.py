@@ -117,7 +117,6 @@ def collate(rows, tok):
     return out
 
 
-
 # ----------------------------------------------------------------------------- tasks
 def _randint(lo, hi, g):
     """Uniform integer in [lo, hi] from a seeded torch.Generator (so runs repeat exactly)."""
