@@ -31,6 +31,8 @@ from functools import lru_cache
 import tiktoken
 import torch
 
+from errors import UsageError
+
 # ----------------------------------------------------------------------------- tokenizer
 ALPHABET = "0123456789+-*/()=,;"
 BOS, END, PAD = "<|bos|>", "<|end|>", "<|pad|>"
@@ -94,6 +96,27 @@ def encode_responses(tok, responses, device="cpu"):
     return tokens.to(device), mask.to(device)
 
 
+def collate(rows, tok):
+    """Concatenate chunks whose padded widths differ (prompts left-padded, responses right)."""
+    P = max(r["prompt"].shape[1] for r in rows)
+    R = max(r["response"].shape[1] for r in rows)
+    out = {}
+    for k in rows[0]:
+        parts = []
+        for r in rows:
+            x = r[k]
+            if k.startswith("prompt"):  # left pad
+                fill = tok.pad if k == "prompt" else False
+                x = torch.cat([torch.full((x.shape[0], P - x.shape[1]), fill, dtype=x.dtype, device=x.device), x], 1)
+            elif x.shape[1] < R:  # right pad
+                fill = tok.pad if k == "response" else 0
+                pad = torch.full((x.shape[0], R - x.shape[1], *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
+                x = torch.cat([x, pad], 1)
+            parts.append(x)
+        out[k] = torch.cat(parts)
+    return out
+
+
 # ----------------------------------------------------------------------------- tasks
 def _randint(lo, hi, g):
     """Uniform integer in [lo, hi] from a seeded torch.Generator (so runs repeat exactly)."""
@@ -109,10 +132,10 @@ class MirrorTask:
 
     def __post_init__(self):
         if self.digits < 2:
-            raise ValueError("mirror needs at least 2 digits")
+            raise UsageError("mirror needs at least 2 digits")
         self.answer_len = self.answer_len or self.digits
         if not 1 <= self.answer_len <= self.digits:
-            raise ValueError(f"mirror answer length must be in 1..{self.digits}")
+            raise UsageError(f"mirror answer length must be in 1..{self.digits}")
 
     @property
     def max_prompt_len(self):
@@ -220,6 +243,8 @@ class _Parser:
             self.i += 1
         if j == self.i or self.i - j > 6:
             raise ValueError("expected a number")
+        if self.s[j] == "0" and self.i - j > 1:  # 02 or 0003: the ground truth never writes them
+            raise ValueError("leading zero")
         self.used.append(int(self.s[j:self.i]))
         return Fraction(self.used[-1])
 
@@ -235,7 +260,7 @@ class CountdownTask:
 
     def __post_init__(self):
         if self.n_numbers not in (2, 3, 4) or self.max_number < 1 or self.max_target < 1:
-            raise ValueError("countdown needs 2-4 numbers and positive ranges")
+            raise UsageError("countdown needs 2-4 numbers and positive ranges")
 
     @property
     def max_prompt_len(self):
@@ -281,7 +306,7 @@ TASKS = {"mirror": MirrorTask, "countdown": CountdownTask}
 
 def make_task(name, **kwargs):
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+        raise UsageError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
     return TASKS[name](**kwargs)
 
 
@@ -302,7 +327,7 @@ def eval_prompts(task, n, seed=1234):
             out.append(p)
             if len(out) == n:
                 return out
-    raise ValueError(f"task {task.name} has fewer than {n} distinct prompts")
+    raise UsageError(f"task {task.name} has fewer than {n} distinct prompts")
 
 
 class PromptStream:
@@ -312,10 +337,14 @@ class PromptStream:
         self.task, self.held_out = task, set(held_out)
         self.g = torch.Generator().manual_seed(seed)
 
-    def batch(self, n):
-        out = []
+    def batch(self, n, max_misses=10_000):
+        out, misses = [], 0
         while len(out) < n:
             p = self.task.sample_prompt(self.g)
             if p not in self.held_out:
                 out.append(p)
+                misses = 0
+            elif (misses := misses + 1) == max_misses:  # the held-out set covers (nearly) every prompt
+                raise UsageError(f"{max_misses:,} training prompts drawn in a row were all held out: task "
+                                 f"{self.task.name} has too few distinct prompts for --eval-prompts {len(self.held_out)}")
         return out

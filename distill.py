@@ -16,25 +16,49 @@ per-token objective of GKD/TRL and of Thinking Machines' recipe: at a prefix the
 cannot tell apart (it cannot see which mode it started), per-token KL is minimised by the
 same 50/50 mixture that SFT learns, so gamma=0 gains little over SFT there.
 
+--temperature T samples the rollouts from softmax(z / T), and every score (D, log pi_s,
+log pi_e) is taken at T too: the objective is KL(pi_s^T || pi_e^T), and its REINFORCE term
+stays on-policy.
+
 Simplifications: the baseline is the batch mean of the return at each position (it includes
 the row itself, a small bias); advantages are divided by their std (--normalize-adv), which
 rescales the REINFORCE term relative to the first; the gradient norm is clipped.
 Options: --estimator sampled uses the sampled-token cost c_t = log pi_s(y_t) - log pi_e(y_t)
 in place of D (Thinking Machines style at gamma=0: no full-vocabulary term, return
-sum_{t>=s} gamma^(t-s) c_t);
---divergence forward|jsd uses that divergence at the student's states; --mix lambda draws
-that fraction of each batch from the expert (GKD), with no score-function term on those rows.
+sum_{t>=s} gamma^(t-s) c_t; a reverse-KL estimator on the student's own rows, so it takes no
+--divergence or --mix); --divergence forward|jsd uses that divergence at the student's states;
+--mix lambda draws that fraction of each batch from the expert (GKD), with no score-function
+term on those rows.
 
 Run: python train.py --mode onpolicy   (flags: python train.py --help).
-This file is structurally parallel to sft.py: `diff sft.py distill.py`.
+This file is structurally parallel to sft.py: `diff sft.py distill.py` shows where the states
+come from (rollouts() here, expert_dataset() there) and the loss (loss() in each).
 """
 import time
 
 import torch
 
-from data import decode_responses, encode_prompts
+from data import collate, decode_responses, encode_prompts
 from kernels import IGNORE, token_divergence, token_logprobs
 from model import response_hidden, unwrap
+
+
+@torch.no_grad()
+def rollouts(student, expert, prompt_texts, tok, task, cfg, generator, device):
+    """The states online IL learns at: the student's own responses to fresh prompts, sampled at
+    cfg.temperature (KV cache, no grad). Under --mix (GKD) the first round(mix * B) rows are the
+    expert's instead; "on_policy" marks the student's rows and "texts" holds the prompts."""
+    prompt, pvalid = encode_prompts(tok, prompt_texts, device)
+    n, L = round(cfg.mix * len(prompt_texts)), task.max_response_len + 1  # room for the end token
+    resp, rmask = student.generate(prompt[n:], pvalid[n:], L, tok.end, tok.pad, temperature=cfg.temperature,
+                                   generator=generator)
+    rows = [dict(prompt=prompt[n:], prompt_valid=pvalid[n:], response=resp, response_mask=rmask)]
+    if n:  # GKD mixing: some rows come from the expert instead, as long as the expert's own answers
+        resp, rmask = expert.generate(prompt[:n], pvalid[:n], L, tok.end, tok.pad, temperature=cfg.temperature,
+                                      generator=generator)
+        rows.insert(0, dict(prompt=prompt[:n], prompt_valid=pvalid[:n], response=resp, response_mask=rmask))
+    batch = collate(rows, tok)  # responses padded to the wider of the two
+    return dict(**batch, on_policy=torch.arange(len(prompt_texts), device=device) >= n, texts=prompt_texts)
 
 
 def returns_to_go(cost, mask, gamma, include_current):
@@ -69,51 +93,50 @@ def sequence_kl_surrogate(D, logq, mask, gamma, on_policy=None, baseline=True, n
     return D * mask + advantages(returns, on_policy, baseline, normalize) * logq * on_policy
 
 
+def loss(run, expert, batch, cfg):
+    """Per-token surrogate [B, R] at the batch's states (0 on padding), whose gradient is the
+    two-part gradient above, and the per-token divergence D [B, R] (logged as kl)."""
+    prompt, pvalid, resp, rmask = batch["prompt"], batch["prompt_valid"], batch["response"], batch["response_mask"]
+    on_policy = batch["on_policy"][:, None] & rmask  # no score-function term on the expert's rows
+    with run.autocast():
+        with torch.no_grad():
+            h_e = response_hidden(expert, prompt, pvalid, resp, rmask).flatten(0, 1)
+        h = response_hidden(run.model, prompt, pvalid, resp, rmask).flatten(0, 1)
+    W, valid = unwrap(run.model).unembedding, rmask.flatten()
+    targets = torch.where(valid, resp.flatten(), IGNORE)
+    # every score at the sampling temperature T: the rollouts come from softmax(z / T), so that is
+    # the policy whose divergence this is and whose score function is on-policy
+    T, D = cfg.temperature, torch.zeros(rmask.shape, device=rmask.device)
+    with torch.set_grad_enabled(cfg.estimator == "full"):  # "sampled" only logs it
+        D[rmask] = token_divergence(h[valid], W, (h_e[valid], expert.unembedding), cfg.divergence,
+                                    beta=cfg.beta, temperature=T, fused=cfg.fused)
+    logq = token_logprobs(h, W, targets, temperature=T, fused=cfg.fused).view(rmask.shape)
+    if cfg.estimator == "full":
+        return sequence_kl_surrogate(D, logq, rmask, cfg.gamma, on_policy, normalize=cfg.normalize_adv), D
+    with torch.no_grad():  # sampled-token cost: the one-sample estimate of D_t, no full-vocabulary term
+        logp = token_logprobs(h_e, expert.unembedding, targets, temperature=T).view(rmask.shape)
+    cost = (logq.detach() - logp) * rmask
+    returns = returns_to_go(cost, rmask, cfg.gamma, include_current=True)
+    return advantages(returns, on_policy, normalize=cfg.normalize_adv) * logq, D
+
+
 def train(run, expert, prompts, tok, task, cfg):
     """Online IL. `run` (runtime.py) owns the model, optimizer, logging, checkpoints and ranks;
     this loop holds the algorithm."""
     B = cfg.batch_size // run.world
-    n_from_expert = round(cfg.mix * B)
     for step in run.steps():
         # ---- states: the student's own rollouts (online); the expert scores every token
-        texts = prompts.batch(B)
-        prompt, pvalid = encode_prompts(tok, texts, run.device)
         t0 = time.time()
         with run.autocast():
-            resp, rmask = unwrap(run.model).generate(prompt, pvalid, task.max_response_len + 1, tok.end, tok.pad,
-                                                     temperature=cfg.temperature, generator=run.sample_gen)
-            if n_from_expert:  # GKD mixing: some rows come from the expert instead
-                eresp, emask = expert.generate(prompt[:n_from_expert], pvalid[:n_from_expert], resp.shape[1],
-                                               tok.end, tok.pad, temperature=cfg.temperature,
-                                               generator=run.sample_gen)
-                resp[:n_from_expert], rmask[:n_from_expert] = tok.pad, False
-                resp[:n_from_expert, :eresp.shape[1]], rmask[:n_from_expert, :emask.shape[1]] = eresp, emask
-            with torch.no_grad():
-                h_e = response_hidden(expert, prompt, pvalid, resp, rmask).flatten(0, 1)
-            h = response_hidden(run.model, prompt, pvalid, resp, rmask).flatten(0, 1)
-        W, valid = unwrap(run.model).unembedding, rmask.flatten()
-        on_policy = torch.ones_like(rmask)
-        on_policy[:n_from_expert] = False
+            batch = rollouts(unwrap(run.model), expert, prompts.batch(B), tok, task, cfg, run.sample_gen, run.device)
         # ---- loss: sequence-level reverse KL = per-token KL at fixed prefixes + REINFORCE
-        D = torch.zeros(rmask.shape, device=run.device)
-        with torch.set_grad_enabled(cfg.estimator == "full"):  # "sampled" only logs it
-            D[rmask] = token_divergence(h[valid], W, (h_e[valid], expert.unembedding), cfg.divergence,
-                                        beta=cfg.beta, fused=cfg.fused)
-        logq = token_logprobs(h, W, torch.where(valid, resp.flatten(), IGNORE), fused=cfg.fused).view(rmask.shape)
-        if cfg.estimator == "full":
-            per_token = sequence_kl_surrogate(D, logq, rmask, cfg.gamma, on_policy, normalize=cfg.normalize_adv)
-        else:  # sampled-token cost: the one-sample estimate of D_t, no full-vocabulary term
-            with torch.no_grad():
-                logp = token_logprobs(h_e, expert.unembedding, torch.where(valid, resp.flatten(), IGNORE))
-            cost = (logq.detach() - logp.view(rmask.shape)) * rmask
-            returns = returns_to_go(cost, rmask, cfg.gamma, include_current=True)
-            per_token = advantages(returns, rmask & on_policy, normalize=cfg.normalize_adv) * logq
+        per_token, D = loss(run, expert, batch, cfg)
+        rmask, own = batch["response_mask"], batch["on_policy"]
         n_tokens = run.global_sum(rmask.sum())
-        loss = per_token.sum() / n_tokens * run.world  # DDP averages over ranks
-        grad_norm = run.optimize(loss)
-        texts_out = decode_responses(tok, resp[n_from_expert:], rmask[n_from_expert:])
-        reward = sum(task.reward(p, r) for p, r in zip(texts[n_from_expert:], texts_out)) / max(1, B - n_from_expert)
-        run.log(step, loss=loss.item(), grad_norm=grad_norm, reward=reward,
-                kl=(D.detach().sum(1)[n_from_expert:]).mean().item(),
-                student_tokens=int(rmask[n_from_expert:].sum()), expert_tokens=int(rmask.sum()),
-                tok_per_s=int(rmask.sum()) / (time.time() - t0 + 1e-9))
+        objective = per_token.sum() / n_tokens * run.world  # DDP averages over ranks
+        grad_norm = run.optimize(objective)
+        texts = [t for t, o in zip(batch["texts"], own) if o]
+        reward = sum(map(task.reward, texts, decode_responses(tok, batch["response"][own], rmask[own]))) / len(texts)
+        run.log(step, loss=objective.item(), grad_norm=grad_norm, reward=reward,
+                kl=D.detach().sum(1)[own].mean().item(), student_tokens=int(rmask[own].sum()),
+                expert_tokens=int(rmask.sum()), tok_per_s=int(rmask.sum()) / (time.time() - t0 + 1e-9))

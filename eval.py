@@ -1,6 +1,7 @@
 """Evaluate checkpoints, and run the realizability experiment end to end.
 
-    python eval.py out/mirror/onpolicy-small-g1.pt    # one checkpoint: metrics + samples
+    python eval.py out/mirror/onpolicy-small-g1.pt    # one checkpoint: metrics + samples, against the
+                                                     # expert.pt beside it (its fingerprint must match)
     python eval.py --grid --seeds 3                  # the paper's table, from scratch
 
 Metrics (held-out prompts, disjoint from training prompts):
@@ -10,7 +11,6 @@ Metrics (held-out prompts, disjoint from training prompts):
   rev_kl         sequence-level KL(student || expert), on student samples  (what online IL minimises)
   coverage       distinct valid answers per prompt among k samples (the expert covers every mode)
 """
-import argparse
 import json
 import os
 import sys
@@ -18,6 +18,7 @@ import sys
 import torch
 
 from data import decode_responses, encode_prompts
+from errors import OneLineParser, UsageError
 
 
 @torch.no_grad()
@@ -120,7 +121,7 @@ def run_jobs(jobs, parallel):
         with open(log, "w") as f:
             rc = subprocess.call([sys.executable, "train.py", "--threads", "1", *argv], stdout=f, stderr=subprocess.STDOUT)
         if rc != 0:
-            raise RuntimeError(f"{key} failed (exit {rc}); see {log}")
+            raise UsageError(f"{key} failed (exit {rc}); its log, with the reason, is {log}")
         print(f"[{time.time() - t0:5.0f}s] done: {key}", flush=True)
 
     with ThreadPoolExecutor(parallel) as pool:
@@ -229,7 +230,7 @@ def ablation(a, train_args):
 
 
 def horizon(a, train_args):
-    """Reward vs response length H: mirror with a fixed 8-digit prompt, H digits read back."""
+    """Reward vs response length H: mirror with a fixed prompt of max(H) digits, H digits read back."""
     expert_size, *small = a.sizes.split(",")
     sizes, hs = [expert_size, *small], [int(h) for h in a.horizons.split(",")]
     runs = {(h, s): (os.path.join(a.out_dir, f"H{h}", f"seed{s}"),
@@ -283,15 +284,16 @@ def toy(K=10, eps=0.01):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a checkpoint, or run one of the experiments.")
+    p = OneLineParser(description="Evaluate a checkpoint, or run one of the experiments.")
     p.add_argument("checkpoint", nargs="?", help="a student checkpoint to evaluate against its expert")
+    p.add_argument("--expert", default="", help="the checkpoint's expert (default: expert.pt beside it)")
     p.add_argument("--grid", action="store_true", help="the realizability table: expert, SFT, online students")
     p.add_argument("--ablation", action="store_true", help="the ingredients of online IL, misspecified student")
     p.add_argument("--horizon", action="store_true", help="reward vs response length H")
     p.add_argument("--toy", action="store_true", help="the exact H=1 forward vs reverse KL projections")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--jobs", type=int, default=2, help="training runs in parallel")
-    p.add_argument("--task", default="mirror", help="task (grid, ablation)")
+    p.add_argument("--task", default="mirror", choices=("mirror", "countdown"), help="task (grid, ablation)")
     p.add_argument("--sizes", default="medium,small", help="the expert's size, then the misspecified size(s)")
     p.add_argument("--horizons", default="1,2,4,8", help="horizon: the values of H")
     p.add_argument("--out-dir", default="", help="where runs go (default out/<experiment>)")
@@ -300,6 +302,12 @@ def main(argv=None):
     experiments = [k for k in ("grid", "ablation", "horizon") if getattr(a, k)]
     if len(experiments) > 1:
         p.error("choose one of --grid, --ablation, --horizon")
+    if a.seeds < 1 or a.jobs < 1:
+        p.error("--seeds and --jobs must be >= 1")
+    if not all(a.sizes.split(",")) or ("ablation" in experiments and len(a.sizes.split(",")) < 2):
+        p.error(f"--sizes {a.sizes!r}: give the expert's size, then the student size(s), e.g. medium,small")
+    if not all(h.isdigit() and int(h) >= 1 for h in a.horizons.split(",")):
+        p.error(f"--horizons {a.horizons!r}: give answer lengths H >= 1, e.g. 1,2,4,8")
     if experiments:
         a.out_dir = a.out_dir or os.path.join("out", experiments[0])
         train_args = ["--task", a.task, *a.train_args.split()] if experiments[0] != "horizon" else a.train_args.split()
@@ -310,9 +318,15 @@ def main(argv=None):
         print_table("projection", list(res), ["s", "reward", "fwd_kl", "rev_kl"], lambda r, c: f"{res[r][c]:.3f}")
     elif a.checkpoint:
         from data import Tokenizer, eval_prompts, make_task
-        from model import load_checkpoint
+        from model import fingerprint, load_checkpoint
         model, ck = load_checkpoint(a.checkpoint)
-        expert, _ = load_checkpoint(os.path.join(os.path.dirname(a.checkpoint), "expert.pt"), expect=dict(task=ck["task"]))
+        if not {"task", "tokenizer", "config", "seed", "name"} <= set(ck):
+            raise UsageError(f"{a.checkpoint}: not a checkpoint written by train.py")
+        expert_path = a.expert or os.path.join(os.path.dirname(a.checkpoint), "expert.pt")
+        expert, _ = load_checkpoint(expert_path, expect=dict(task=ck["task"], tokenizer=ck["tokenizer"]))
+        if ck["name"] != "expert" and ck.get("expert") != fingerprint(expert):  # a retrained or another expert
+            raise UsageError(f"{expert_path} (fingerprint {fingerprint(expert)}) is not the expert {a.checkpoint} "
+                             f"was trained against ({ck.get('expert') or 'none recorded'}); name that one with --expert")
         tok = Tokenizer()
         task = make_task(ck["task"]["name"], **{k: v for k, v in ck["task"].items() if k != "name"})
         from runtime import seed_for
@@ -325,5 +339,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, RuntimeError) as e:
+    except UsageError as e:  # bad input: one line; anything else is a bug and keeps its traceback
         sys.exit(f"error: {e}")

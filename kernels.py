@@ -22,6 +22,9 @@ token_divergence(h, W, expert, kind)     -> per-row divergence over the vocab [N
            "forward": KL(expert || student)   mode-covering; what SFT minimises
            "jsd":     generalised JSD(beta), GKD/TRL convention: m = beta*p + (1-beta)*q,
                       beta*KL(p||m) + (1-beta)*KL(q||m); beta=0 is forward, beta=1 reverse KL.
+                      Those endpoints are TRL's convention, not limits: JSD(beta) -> 0 at both
+                      ends (beta*KL(p||q) near 0, (1-beta)*KL(q||p) near 1), so the divergence
+                      and its gradient jump at beta = 0 and 1 (see token_divergence).
 
 fused=False switches to the naive reference (log_softmax over full logits), for reading
 and for tests.
@@ -225,7 +228,7 @@ def token_divergence(h, W, expert, kind="reverse", beta=0.5, temperature=1.0, fu
         raise ValueError(f"unknown divergence {kind!r}; choose reverse, forward or jsd")
     if kind == "jsd" and not 0 <= beta <= 1:
         raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
-    if kind == "jsd" and beta in (0, 1):  # the GKD/TRL endpoints
+    if kind == "jsd" and beta in (0, 1):  # the GKD/TRL endpoints: a jump, since JSD(beta) -> 0 there
         kind = "forward" if beta == 0 else "reverse"
     if not fused:
         ze = expert if torch.is_tensor(expert) else (expert[0] @ expert[1].T).detach()

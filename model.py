@@ -5,6 +5,7 @@ out of attention and positions count real tokens only, so a padded batch compute
 what each row would compute alone, and every prompt ends at the same column: sampling
 appends one column per step for the whole batch.
 """
+import hashlib
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import UsageError
 from kernels import IGNORE, token_logprobs
 
 
@@ -28,9 +30,9 @@ class GPTConfig:
     def __post_init__(self):
         for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
             if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be at least 1, got {getattr(self, k)}")
+                raise UsageError(f"{k} must be at least 1, got {getattr(self, k)}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"width {self.n_embd} is not divisible by {self.n_head} heads")
+            raise UsageError(f"width {self.n_embd} is not divisible by {self.n_head} heads")
 
 
 # Named sizes, each with the learning rate it trains well at (smaller models take larger
@@ -149,7 +151,8 @@ class GPT(nn.Module):
         for t in range(max_new_tokens):
             if not use_cache:  # the reference: recompute the whole prefix every step
                 h = self(tokens[:, :P + t], valid[:, :P + t])[:, -1]
-            logits = (h @ self.unembedding.T).float() / max(temperature, 1e-8)
+            with torch.autocast(dev.type, enabled=False):  # fp32 logits, as training scores them (kernels.py)
+                logits = (h.float() @ self.unembedding.float().T) / max(temperature, 1e-8)
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, -math.inf)
@@ -201,7 +204,7 @@ def size_spec(size):
     try:
         n_layer, n_embd, n_head = (int(x) for x in size.split("x"))
     except ValueError:
-        raise ValueError(f"unknown model size {size!r}; choose from {sorted(SIZES)} or LxWxH") from None
+        raise UsageError(f"unknown model size {size!r}; choose from {sorted(SIZES)} or LxWxH") from None
     return dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, lr=3e-3)
 
 
@@ -225,20 +228,29 @@ def save_checkpoint(path, model, **extra):
     os.replace(tmp, path)
 
 
+def fingerprint(model):
+    """A short hash of a model's weights: which expert a student was trained against."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def load_checkpoint(path, expect=None, device="cpu"):
     """Load a checkpoint and its GPT; refuse one whose recorded fields differ from `expect`
-    (task, tokenizer identity, size ...) with a one-line ValueError naming the file."""
+    (task, tokenizer identity, size ...) with a one-line UsageError naming the file."""
     if not os.path.exists(path):
-        raise ValueError(f"{path}: no such checkpoint")
+        raise UsageError(f"{path}: no such checkpoint")
     try:
-        ck = torch.load(path, map_location=device, weights_only=False)
+        ck = torch.load(path, map_location=device, weights_only=True)  # tensors and plain data only: no code runs
         model = GPT(GPTConfig(**ck["model_args"]))
         model.load_state_dict(ck["model"])
     except Exception as e:  # corrupt or foreign file: say so, in one line
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:100]})") from None
+        raise UsageError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:100]})") from None
     for k, v in (expect or {}).items():
         if ck.get(k) != v:
-            raise ValueError(f"{path}: made for {k}={ck.get(k)!r}, but this run needs {k}={v!r}")
+            raise UsageError(f"{path}: made for {k}={ck.get(k)!r}, but this run needs {k}={v!r}")
     return model.to(device), ck
 
 

@@ -5,7 +5,7 @@ setup(cfg) -> env: device (CUDA when present), torch.distributed ranks when laun
     prompts.
 Run: the optimizer and its schedule, progress lines and metrics.jsonl, atomic checkpoints with
     RNG states (--resume continues exactly), Ctrl-C (save at the end of the step, then exit),
-    and a non-finite loss (stop, keep the last good checkpoint).
+    and a non-finite loss or gradient (stop before the step, keep the last good checkpoint).
 The loops in sft.py and distill.py receive a Run and hold only the algorithm.
 """
 import contextlib
@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 import eval as evaluation
-from data import Tokenizer, eval_prompts, make_task
+from errors import UsageError
+from data import PromptStream, Tokenizer, eval_prompts, make_task
 from model import load_checkpoint, make_model, save_checkpoint
 
 
@@ -45,7 +46,7 @@ def setup(cfg):
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
         if cfg.batch_size % world:
-            raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {world} ranks")
+            raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by {world} ranks")
     device = f"cuda:{local}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(device)
@@ -60,21 +61,47 @@ def setup(cfg):
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        raise ValueError(f"cannot write to output folder {out}: {e.strerror}") from None
+        raise UsageError(f"cannot write to output folder {out}: {e.strerror}") from None
     block_size = 1 + task.max_prompt_len + task.max_response_len + 1  # bos ... end
     if cfg.block_size and cfg.block_size < block_size:
-        raise ValueError(f"--block-size {cfg.block_size} is shorter than this task's prompt + response "
+        raise UsageError(f"--block-size {cfg.block_size} is shorter than this task's prompt + response "
                          f"({block_size} tokens)")
     block_size = cfg.block_size or block_size
     for size in (cfg.expert_size, cfg.student_size):  # a bad size fails now, not after training
         make_model(size, block_size, tok.vocab_size, seed=0)
+    held_out = eval_prompts(task, cfg.eval_prompts, seed=seed_for(cfg.seed, "held-out"))
+    PromptStream(task, held_out, seed=0).batch(1)  # and so does a held-out set that leaves no training prompts
     return dict(device=device, rank=rank, world=world, dir=out, tok=tok, task=task, block_size=block_size,
-                task_id=dict(asdict(task)), held_out=eval_prompts(task, cfg.eval_prompts, seed=seed_for(cfg.seed, "held-out")))
+                task_id=dict(asdict(task)), held_out=held_out)
 
 
 def identity(env, model_cfg):
-    """What a checkpoint must match to be loaded by this run: task, tokenizer, model shape."""
-    return dict(task=env["task_id"], tokenizer=env["tok"].identity, model_args=asdict(model_cfg))
+    """What a checkpoint must match to be loaded by this run: task, tokenizer, model shape, and
+    the fingerprint of the expert it learned from (None for the expert itself), so a retrained
+    expert.pt is never silently paired with old bases and students."""
+    return dict(task=env["task_id"], tokenizer=env["tok"].identity, model_args=asdict(model_cfg),
+                expert=env.get("expert"))
+
+
+def write_atomic(path, text):
+    """Write a temporary file beside `path`, then rename it over `path`: a reader (the grid's
+    "done" check, a resumed run) never sees half a file, and a failed write leaves nothing."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _step_of(line):
+    """The step of a metrics.jsonl row; infinite for a line cut short by a crash (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def rank0_print(env, *a):
@@ -97,12 +124,14 @@ class Run:
         self.cfg, self.env, self.name, self.total = cfg, env, name, total_steps
         self.device, self.rank, self.world = env["device"], env["rank"], env["world"]
         self.path = os.path.join(env["dir"], f"{name}.pt")
+        self.metrics = os.path.join(env["dir"], f"{name}.metrics.jsonl")
         self.raw = model
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         self.lr = lr
         self.sample_gen = torch.Generator(self.device).manual_seed(seed_for(cfg.seed, f"{name}/sampling", self.rank))
         self.prompts = None  # a PromptStream whose generator is checkpointed, set by the caller
         self.start, self.totals, self.stop_requested, self.t0 = 0, {}, False, time.time()
+        self.step, self.saved, self.pending = 0, None, None  # saved: step of the last checkpoint written
         self.model = model
         if self.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(model)
@@ -110,52 +139,77 @@ class Run:
             self.model = torch.compile(self.model)
 
     def resume_if_asked(self):
-        if not (self.cfg.resume and os.path.exists(self.path)):
-            return
-        _, ck = load_checkpoint(self.path, expect=dict(identity(self.env, self.raw.cfg), name=self.name),
-                                device=self.device)
+        """--resume: continue from this run's checkpoint. Either way metrics.jsonl then holds this
+        run alone, each step once: emptied on a fresh start, cut back to the checkpoint's step on
+        a resume (a crash after a checkpoint leaves rows that the resumed run writes again)."""
+        if self.cfg.resume and os.path.exists(self.path):
+            self.resume()
+        if self.rank == 0:
+            rows = []
+            if self.start and os.path.exists(self.metrics):
+                with open(self.metrics) as f:
+                    rows = [line for line in f if _step_of(line) <= self.start]
+            write_atomic(self.metrics, "".join(rows))
+
+    def resume(self):
+        # read on the CPU: generator states must be CPU ByteTensors (the prompt stream's generator
+        # lives on the CPU even on a GPU run); the weights and the optimizer state are copied to
+        # the model's device by their load_state_dict
+        _, ck = load_checkpoint(self.path, expect=dict(identity(self.env, self.raw.cfg), name=self.name), device="cpu")
+        if len(ck["rng"]["sample"]) != self.world:  # each rank resumes its own sampling stream
+            raise UsageError(f"{self.path} was saved by {len(ck['rng']['sample'])} rank(s): resume it with as many "
+                             f"(torchrun --nproc_per_node {len(ck['rng']['sample'])}), not {self.world}")
         self.raw.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
-        self.sample_gen.set_state(ck["rng"]["sample"][self.rank].cpu())
+        self.sample_gen.set_state(ck["rng"]["sample"][self.rank])
         if self.prompts is not None:
             self.prompts.g.set_state(ck["rng"]["prompts"][self.rank])
-        self.start, self.totals = ck["step"], ck["totals"]
+        self.start, self.totals, self.saved = ck["step"], ck["totals"], ck["step"]
         rank0_print(self.env, f"resumed {self.path} at step {self.start}")
 
     def steps(self):
-        """Yield step numbers; save every save_every steps, on Ctrl-C, and at the end."""
-        old = signal.signal(signal.SIGINT, self._on_sigint) if self.rank == 0 else None
+        """Yield step numbers. Checkpoints: at the end and on Ctrl-C at once; every save_every
+        steps once the next step has found the weights good (finite loss and gradient, see
+        optimize), so a checkpoint kept after a divergence is one that trains on."""
+        old = signal.signal(signal.SIGINT, self._on_sigint)  # every rank: torchrun passes Ctrl-C to each
         try:
             if self.total == 0:
-                self.save(0)
+                self.save(self.snapshot(0))
             for step in range(self.start, self.total):
                 for group in self.opt.param_groups:
                     group["lr"] = self.lr * lr_factor(step, self.total)
+                self.step = step
                 yield step
                 if self.rank == 0 and ((step + 1) % self.cfg.eval_every == 0 or step + 1 == self.total):
                     self.log_eval(step)
                 stop = self.global_sum(torch.tensor(int(self.stop_requested))) > 0
-                if stop or (step + 1) % self.cfg.save_every == 0 or step + 1 == self.total:
-                    self.save(step + 1)
+                if stop or step + 1 == self.total:  # no later step will check these weights
+                    self.save(self.snapshot(step + 1))
+                elif (step + 1) % self.cfg.save_every == 0:
+                    self.pending = self.snapshot(step + 1)
                 if stop:
                     rank0_print(self.env, f"interrupted: saved {self.path} at step {step + 1}; continue with --resume")
                     raise SystemExit(130)
         finally:
-            if old is not None:
-                signal.signal(signal.SIGINT, old)
+            signal.signal(signal.SIGINT, old)
 
     def _on_sigint(self, *_):
         if self.stop_requested:  # a second Ctrl-C stops at once (the last checkpoint stays)
             raise KeyboardInterrupt
-        self.stop_requested = True
-        print("\nCtrl-C: saving at the end of this step (again to abort)", flush=True)
+        self.stop_requested = True  # the ranks agree on stopping at the step's end (steps())
+        rank0_print(self.env, "\nCtrl-C: saving at the end of this step (again to abort)")
 
     def optimize(self, loss):
-        if not torch.isfinite(loss):
-            raise ValueError(f"non-finite loss ({loss.item()}) in {self.name}; "
-                             f"the last good checkpoint is kept ({self.path})")
-        loss.backward()
+        """Backward, clip and step, unless the loss or the gradient is not finite on any rank:
+        then every rank stops before the step, and the last checkpoint written stays."""
+        loss.backward()  # on every rank, finite or not: DDP's gradient all-reduce needs them all
         norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
+        if self.global_sum(torch.tensor(int(not (torch.isfinite(loss) and torch.isfinite(norm))))) > 0:
+            raise UsageError(f"non-finite loss or gradient at step {self.step + 1} of {self.name} (loss "
+                             f"{loss.item():.4g}, grad_norm {norm.item():.4g}); {self.kept()}")
+        if self.pending is not None:  # the weights it holds just gave a finite loss and gradient
+            self.save(self.pending)
+            self.pending = None
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return norm.item()
@@ -179,7 +233,7 @@ class Run:
             return
         rec = dict(step=step + 1, **metrics, **{f"total_{k}": v for k, v in self.totals.items()},
                    elapsed=time.time() - self.t0)
-        with open(os.path.join(self.env["dir"], f"{self.name}.metrics.jsonl"), "a") as f:
+        with open(self.metrics, "a") as f:
             f.write(json.dumps(rec) + "\n")
         if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.total:
             done = step + 1 - self.start
@@ -194,16 +248,27 @@ class Run:
         prompts = self.env["held_out"][:max(1, len(self.env["held_out"]) // 4)]
         reward = evaluation.quick_eval(self.raw, self.env["tok"], self.env["task"], prompts, seed=step)["reward"]
         self.raw.train()
-        with open(os.path.join(self.env["dir"], f"{self.name}.metrics.jsonl"), "a") as f:
+        with open(self.metrics, "a") as f:
             f.write(json.dumps(dict(step=step + 1, eval_reward=reward)) + "\n")
 
-    def save(self, step):
-        rng = dict(sample=self.gather_rng(self.sample_gen), prompts=self.gather_rng(self.prompts.g) if self.prompts else None)
-        if self.rank != 0:
-            return
-        save_checkpoint(self.path, self.raw, optimizer=self.opt.state_dict(), step=step, total=self.total, totals=self.totals,
-                        config=asdict(self.cfg), seed=self.cfg.seed, rng=rng, name=self.name,
-                        **identity(self.env, self.raw.cfg))
+    def kept(self):
+        return (f"the last good checkpoint is kept ({self.path}, step {self.saved})" if self.saved is not None
+                else "no checkpoint of this run was written")
+
+    def snapshot(self, step):
+        """What a checkpoint at `step` holds besides the weights and the optimizer state (those
+        stay as they are until the next opt.step(), so a snapshot can be written later)."""
+        return dict(step=step, totals=dict(self.totals), rng=dict(
+            sample=self.gather_rng(self.sample_gen), prompts=self.gather_rng(self.prompts.g) if self.prompts else None))
+
+    def save(self, snap):
+        if not all(torch.isfinite(p).all() for p in self.raw.parameters()):
+            raise UsageError(f"non-finite weights at step {snap['step']} of {self.name}; {self.kept()}")
+        self.saved = snap["step"]
+        if self.rank == 0:
+            save_checkpoint(self.path, self.raw, optimizer=self.opt.state_dict(), step=snap["step"], total=self.total,
+                            totals=snap["totals"], config=asdict(self.cfg), seed=self.cfg.seed, rng=snap["rng"],
+                            name=self.name, **identity(self.env, self.raw.cfg))
 
     def gather_rng(self, g):
         states = [g.get_state()]

@@ -1,7 +1,7 @@
 """Offline imitation learning (SFT): the student learns from the expert's own states.
 
 The expert is queried only before training: `expert_dataset` samples one response per
-prompt at temperature 1 and caches the dataset on disk. Training then minimises
+prompt (at --temperature, 1 by default) and train.py caches the dataset on disk. Training then minimises
     loss = -sum_t log pi_student(y_t | x, y_<t) / #tokens,      y ~ pi_expert(.|x)
 the forward KL KL(expert || student) up to the expert's entropy. Forward KL is mode-covering:
 a student that cannot represent every mode of the expert spreads its mass over all of them,
@@ -14,13 +14,13 @@ expert's next-token distribution at each of the expert's states (scored before t
 Also used to train the expert on ground-truth answers and to warm-start the student base.
 Run: python train.py --mode sft   (flags: python train.py --help).
 This file is structurally parallel to distill.py: `diff sft.py distill.py` shows where the
-states come from and the loss.
+states come from (expert_dataset() here, rollouts() there) and the loss (loss() in each).
 """
 import time
 
 import torch
 
-from data import encode_prompts, encode_responses
+from data import collate, encode_prompts, encode_responses
 from kernels import IGNORE, token_divergence, token_logprobs
 from model import response_hidden, unwrap
 
@@ -52,52 +52,36 @@ def ground_truth_dataset(tok, task, prompt_texts, answers, device):
     return dict(prompt=prompt, prompt_valid=pvalid, response=resp, response_mask=rmask)
 
 
-def collate(rows, tok):
-    """Concatenate chunks whose padded widths differ (prompts left-padded, responses right)."""
-    P = max(r["prompt"].shape[1] for r in rows)
-    R = max(r["response"].shape[1] for r in rows)
-    out = {}
-    for k in rows[0]:
-        parts = []
-        for r in rows:
-            x = r[k]
-            if k.startswith("prompt"):  # left pad
-                fill = tok.pad if k == "prompt" else False
-                x = torch.cat([torch.full((x.shape[0], P - x.shape[1]), fill, dtype=x.dtype, device=x.device), x], 1)
-            elif x.shape[1] < R:  # right pad
-                fill = tok.pad if k == "response" else 0
-                pad = torch.full((x.shape[0], R - x.shape[1], *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
-                x = torch.cat([x, pad], 1)
-            parts.append(x)
-        out[k] = torch.cat(parts)
-    return out
+def loss(run, batch, cfg, kind="ce"):
+    """Per-token loss [B, R] at the batch's states (0 on padding): cross-entropy on the expert's
+    tokens, or (kind forward_kl) the full-vocabulary forward KL to the expert's scored logits."""
+    rmask = batch["response_mask"]
+    with run.autocast():
+        h = response_hidden(run.model, batch["prompt"], batch["prompt_valid"], batch["response"], rmask).flatten(0, 1)
+    W, valid = unwrap(run.model).unembedding, rmask.flatten()
+    if kind == "ce":
+        targets = torch.where(valid, batch["response"].flatten(), IGNORE)
+        return -token_logprobs(h, W, targets, fused=cfg.fused).view(rmask.shape)
+    per_token = torch.zeros(rmask.shape, device=rmask.device)  # word-level distillation
+    per_token[rmask] = token_divergence(h[valid], W, batch["expert_logits"].flatten(0, 1)[valid], "forward",
+                                        fused=cfg.fused)
+    return per_token
 
 
 def train(run, dataset, cfg, loss_kind="ce"):
     """Offline IL on a fixed dataset. `run` (runtime.py) owns the model, optimizer, logging,
     checkpoints and ranks; this loop holds the algorithm."""
-    n = dataset["prompt"].shape[0]
     B = cfg.batch_size // run.world
     for step in run.steps():
         # ---- states: rows of the dataset the expert sampled before training (offline)
+        t0, n = time.time(), dataset["prompt"].shape[0]
         start = (step * cfg.batch_size + run.rank * B) % n
-        rows = torch.arange(start, start + B) % n
-        prompt, pvalid = dataset["prompt"][rows], dataset["prompt_valid"][rows]
-        resp, rmask = dataset["response"][rows], dataset["response_mask"][rows]
-        t0 = time.time()
-        with run.autocast():
-            h = response_hidden(run.model, prompt, pvalid, resp, rmask).flatten(0, 1)
-        W = unwrap(run.model).unembedding
+        batch = {k: v[torch.arange(start, start + B) % n] for k, v in dataset.items()}
         # ---- loss: cross-entropy on the expert's tokens (forward KL: mode-covering)
-        if loss_kind == "ce":
-            targets = torch.where(rmask, resp, IGNORE).flatten()
-            per_token = -token_logprobs(h, W, targets, fused=cfg.fused)
-        else:  # word-level distillation: full forward KL at the expert's states
-            valid = rmask.flatten()
-            per_token = token_divergence(h[valid], W, dataset["expert_logits"][rows].flatten(0, 1)[valid],
-                                         "forward", fused=cfg.fused)
+        per_token = loss(run, batch, cfg, loss_kind)
+        rmask = batch["response_mask"]
         n_tokens = run.global_sum(rmask.sum())
-        loss = per_token.sum() / n_tokens * run.world  # DDP averages over ranks
-        grad_norm = run.optimize(loss)
-        run.log(step, loss=loss.item(), grad_norm=grad_norm, expert_tokens=int(n_tokens),
+        objective = per_token.sum() / n_tokens * run.world  # DDP averages over ranks
+        grad_norm = run.optimize(objective)
+        run.log(step, loss=objective.item(), grad_norm=grad_norm, expert_tokens=int(n_tokens),
                 tok_per_s=int(rmask.sum()) / (time.time() - t0 + 1e-9))

@@ -16,11 +16,10 @@ The pipeline, per task (checkpoints under <out-dir>/<task>/):
 Each checkpoint has a <name>.metrics.jsonl beside it. Every flag comes from Config below.
 """
 import argparse
-import inspect
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -29,51 +28,57 @@ import distill
 import eval as evaluation
 import sft
 from data import PromptStream, sample_answer
-from model import load_checkpoint, make_model, size_spec
-from runtime import Run, identity, rank0_print, seed_for, setup
+from errors import OneLineParser, UsageError
+from model import fingerprint, load_checkpoint, make_model, size_spec
+from runtime import Run, identity, rank0_print, seed_for, setup, write_atomic
+
+
+def opt(default, help):
+    """A Config field: its default and the one-line help its flag shows (one source for both)."""
+    return field(default=default, metadata=dict(help=help))
 
 
 @dataclass
 class Config:
-    mode: str = "onpolicy"  # expert | base (the warm-started student) | sft | onpolicy
-    task: str = "mirror"  # mirror (default) | countdown
-    digits: int = 5  # mirror: prompt digits
-    answer_len: int = 0  # mirror: answer digits H (0: all of them)
-    n_numbers: int = 3  # countdown: how many numbers
-    max_number: int = 20  # countdown: numbers are drawn from 1..max_number
-    max_target: int = 100  # countdown: targets are in 1..max_target
-    expert_size: str = "medium"  # size of the expert: a name in model.SIZES, or LxWxH
-    student_size: str = "small"  # size of the student: medium is realizable, small misspecified
-    block_size: int = 0  # context length (0: just enough for the task's prompt and response)
-    expert_ckpt: str = ""  # an expert checkpoint to use ('': <out-dir>/<task>/expert.pt, trained if missing)
-    out_dir: str = "out"  # checkpoints go to <out-dir>/<task>/
-    seed: int = 0  # seeds every generator: each role (init, data, sampling, rank) derives its own
-    device: str = "auto"  # auto (cuda if present) | cpu | cuda
-    threads: int = 0  # torch CPU threads (0: torch's default)
-    expert_steps: int = 1500  # expert: optimizer steps on ground truth
-    expert_lr: float = 0.0  # expert: peak learning rate (0: the size's own, model.SIZES)
-    expert_min_reward: float = 0.95  # quality gate: stop if the expert's held-out reward is below this (0: off)
-    base_steps: int = 600  # student base: warm-start SFT steps on expert samples (see README: why 600)
-    steps: int = 600  # offline and online IL: optimizer steps (the same for both)
-    batch_size: int = 128  # sequences per step, over all ranks (the same for both)
-    lr: float = 0.0  # student: peak learning rate, cosine decay to 10% (0: the size's own)
-    weight_decay: float = 0.0  # AdamW weight decay
-    grad_clip: float = 1.0  # clip the gradient norm to this
-    temperature: float = 1.0  # sampling temperature of expert samples and student rollouts
-    sft_loss: str = "ce"  # offline: ce (SFT) | forward_kl (word-level distillation)
-    gamma: float = 1.0  # online: discount of future per-token KLs (1: sequence-level, 0: per-token)
-    estimator: str = "full"  # online: full (per-token full-vocab KL + REINFORCE) | sampled
-    divergence: str = "reverse"  # online: divergence at student states: reverse | forward | jsd
-    beta: float = 0.5  # online: JSD beta (0 forward KL, 1 reverse KL)
-    mix: float = 0.0  # online: GKD lambda, the fraction of each batch sampled by the expert
-    normalize_adv: bool = True  # online: divide advantages by their std
-    fused: bool = True  # use the fused log-prob kernels (False: naive log_softmax)
-    compile: bool = False  # torch.compile the training forward
-    eval_prompts: int = 256  # held-out prompts for the final evaluation
-    log_every: int = 50  # steps between progress lines
-    eval_every: int = 50  # steps between held-out reward checks (logged to metrics.jsonl)
-    save_every: int = 100  # steps between checkpoints
-    resume: bool = False  # continue from this run's checkpoint (step, optimizer, RNG states)
+    mode: str = opt("onpolicy", "expert | base (the warm-started student) | sft | onpolicy")
+    task: str = opt("mirror", "mirror (default) | countdown")
+    digits: int = opt(5, "mirror: prompt digits")
+    answer_len: int = opt(0, "mirror: answer digits H (0: all of them)")
+    n_numbers: int = opt(3, "countdown: how many numbers")
+    max_number: int = opt(20, "countdown: numbers are drawn from 1..max_number")
+    max_target: int = opt(100, "countdown: targets are in 1..max_target")
+    expert_size: str = opt("medium", "size of the expert: a name in model.SIZES, or LxWxH")
+    student_size: str = opt("small", "size of the student: medium is realizable, small misspecified")
+    block_size: int = opt(0, "context length (0: just enough for the task's prompt and response)")
+    expert_ckpt: str = opt("", "an expert checkpoint to use ('': <out-dir>/<task>/expert.pt, trained if missing)")
+    out_dir: str = opt("out", "checkpoints go to <out-dir>/<task>/")
+    seed: int = opt(0, "seeds every generator: each role (init, data, sampling, rank) derives its own")
+    device: str = opt("auto", "auto (cuda if present) | cpu | cuda")
+    threads: int = opt(0, "torch CPU threads (0: torch's default)")
+    expert_steps: int = opt(1500, "expert: optimizer steps on ground truth")
+    expert_lr: float = opt(0.0, "expert: peak learning rate (0: the size's own, model.SIZES)")
+    expert_min_reward: float = opt(0.95, "quality gate: stop if the expert's held-out reward is below this (0: off)")
+    base_steps: int = opt(600, "student base: warm-start SFT steps on expert samples (see README: why 600)")
+    steps: int = opt(600, "offline and online IL: optimizer steps (the same for both)")
+    batch_size: int = opt(128, "sequences per step, over all ranks (the same for both)")
+    lr: float = opt(0.0, "student: peak learning rate, cosine decay to 10% (0: the size's own)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this")
+    temperature: float = opt(1.0, "sampling temperature of expert samples and student rollouts")
+    sft_loss: str = opt("ce", "offline: ce (SFT) | forward_kl (word-level distillation)")
+    gamma: float = opt(1.0, "online: discount of future per-token KLs (1: sequence-level, 0: per-token)")
+    estimator: str = opt("full", "online: full (per-token full-vocab KL + REINFORCE) | sampled")
+    divergence: str = opt("reverse", "online: divergence at student states: reverse | forward | jsd")
+    beta: float = opt(0.5, "online: JSD beta (0 forward KL, 1 reverse KL)")
+    mix: float = opt(0.0, "online: GKD lambda, the fraction of each batch sampled by the expert")
+    normalize_adv: bool = opt(True, "online: divide advantages by their std")
+    fused: bool = opt(True, "use the fused log-prob kernels (False: naive log_softmax)")
+    compile: bool = opt(False, "torch.compile the training forward")
+    eval_prompts: int = opt(256, "held-out prompts for the final evaluation")
+    log_every: int = opt(50, "steps between progress lines")
+    eval_every: int = opt(50, "steps between held-out reward checks (logged to metrics.jsonl)")
+    save_every: int = opt(100, "steps between checkpoints")
+    resume: bool = opt(False, "continue from this run's checkpoint (step, optimizer, RNG states)")
 
 
 MODES = ("expert", "base", "sft", "onpolicy")
@@ -81,33 +86,18 @@ CHOICES = dict(mode=MODES, task=("mirror", "countdown"), device=("auto", "cpu", 
                divergence=("reverse", "forward", "jsd"))
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line, not a usage dump
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def parse_args(argv=None):
-    p = OneLineParser(description=__doc__.split("\n")[0])
-    comments = _field_comments()
+    p = OneLineParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")  # argparse %-formats help
         if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=comments[f.name])
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(flag, type=typ, default=f.default, help=comments[f.name], choices=CHOICES.get(f.name))
+            p.add_argument(flag, type=typ, default=f.default, help=text, choices=CHOICES.get(f.name))
     cfg = Config(**vars(p.parse_args(argv)))
     check(cfg)
     return cfg
-
-
-def _field_comments():
-    """Each field's help line is its comment in Config (one source for flags and docs)."""
-    out = {}
-    for line in inspect.getsource(Config).splitlines():
-        if ":" in line and "#" in line:
-            out[line.split(":")[0].strip()] = line.split("#", 1)[1].strip()
-    return out
 
 
 def check(cfg):
@@ -122,12 +112,25 @@ def check(cfg):
         bad.append("--beta must be in [0, 1]")
     if not cfg.temperature > 0:
         bad.append("--temperature must be > 0")
+    if not cfg.grad_clip > 0:  # a negative clip norm flips the gradient: ascent
+        bad.append("--grad-clip must be > 0")
+    if cfg.weight_decay < 0:
+        bad.append("--weight-decay must be >= 0")
+    per_rank = cfg.batch_size // int(os.environ.get("WORLD_SIZE", 1))  # torchrun: rows each rank samples
+    if cfg.mix and not 0 < round(cfg.mix * per_rank) < per_rank:
+        bad.append(f"--mix {cfg.mix:g} gives {round(cfg.mix * per_rank)} expert rows of {per_rank} per rank: "
+                   f"a mixed batch needs rows of both")
+    if cfg.estimator == "sampled" and (cfg.divergence != "reverse" or cfg.mix):
+        bad.append("--estimator sampled is the one-sample reverse KL on the student's own rollouts: "
+                   "it takes no --divergence or --mix")
+    if cfg.divergence != "jsd" and cfg.beta != Config.beta:
+        bad.append("--beta applies to --divergence jsd only")
     if cfg.expert_ckpt and not os.path.exists(cfg.expert_ckpt):
         bad.append(f"--expert-ckpt {cfg.expert_ckpt}: no such file")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         bad.append("--device cuda, but no CUDA device is available")
     if bad:
-        raise ValueError("; ".join(bad))
+        raise UsageError("; ".join(bad))
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -161,21 +164,23 @@ def get_expert(cfg, env):
     if cfg.expert_ckpt:  # an expert named on the command line must fit this run
         expert = load_finished(cfg.expert_ckpt, env, cfg.expert_size)
         if expert is None:
-            raise ValueError(f"--expert-ckpt {cfg.expert_ckpt}: the expert's training did not finish")
-        return expert.eval().requires_grad_(False)
-    path = os.path.join(env["dir"], "expert.pt")
-    expert = None if cfg.mode == "expert" else load_finished(path, env, cfg.expert_size)
+            raise UsageError(f"--expert-ckpt {cfg.expert_ckpt}: the expert's training did not finish")
+    else:
+        path = os.path.join(env["dir"], "expert.pt")
+        expert = None if cfg.mode == "expert" else load_finished(path, env, cfg.expert_size)
     if expert is None:
         expert = new_model(cfg, env, cfg.expert_size, "expert")
         rank0_print(env, f"training the expert ({cfg.expert_size}, {expert.n_params():,} parameters) on ground truth")
-        # every rank builds the same dataset; sft.train gives each rank its own rows
-        texts = PromptStream(env["task"], env["held_out"], seed=seed_for(cfg.seed, "expert/prompts")).batch(
-            cfg.expert_steps * cfg.batch_size)
-        g = torch.Generator().manual_seed(seed_for(cfg.seed, "expert/answers"))
-        answers = [sample_answer(env["task"], p, g) for p in texts]
-        data = sft.ground_truth_dataset(env["tok"], env["task"], texts, answers, env["device"])
+        data = None  # a zero-step run needs no data
+        if cfg.expert_steps:  # every rank builds the same dataset; sft.train gives each rank its own rows
+            texts = PromptStream(env["task"], env["held_out"], seed=seed_for(cfg.seed, "expert/prompts")).batch(
+                cfg.expert_steps * cfg.batch_size)
+            g = torch.Generator().manual_seed(seed_for(cfg.seed, "expert/answers"))
+            answers = [sample_answer(env["task"], p, g) for p in texts]
+            data = sft.ground_truth_dataset(env["tok"], env["task"], texts, answers, env["device"])
         fit(cfg, env, "expert", expert, cfg.expert_steps, cfg.expert_lr or size_spec(cfg.expert_size)["lr"], sft.train, data, cfg)
     expert.eval().requires_grad_(False)  # frozen and replicated: no DDP wrapper
+    env["expert"] = fingerprint(expert)  # every later checkpoint records, and is checked against, it
     return expert
 
 
@@ -193,14 +198,18 @@ def gate_expert(cfg, env, expert):
 
 def expert_samples(cfg, env, expert, n, seed):
     """n expert responses to fresh training prompts, cached on disk (students of every size
-    share them)."""
+    share them). None for n=0: a zero-step run needs no data."""
+    if n == 0:
+        return None
     path = os.path.join(env["dir"], f"expert-samples-{n}-{seed}{'-scored' if cfg.sft_loss == 'forward_kl' else ''}.pt")
-    key = dict(n=n, seed=seed, temperature=cfg.temperature, score=cfg.sft_loss == "forward_kl",
-               expert=[float(p.sum()) for p in expert.parameters()])
+    key = dict(n=n, seed=seed, temperature=cfg.temperature, score=cfg.sft_loss == "forward_kl", expert=env["expert"])
     if os.path.exists(path):
-        cached = torch.load(path, map_location=env["device"])
-        if cached["key"] == key:
-            return cached["data"]
+        try:
+            cached = torch.load(path, map_location=env["device"], weights_only=True)
+            if cached["key"] == key:
+                return cached["data"]
+        except Exception as e:  # a damaged cache (an interrupted copy, a full disk) is only a cache
+            rank0_print(env, f"{path}: unreadable ({type(e).__name__}), sampling it again")
     texts = PromptStream(env["task"], env["held_out"], seed=seed).batch(n)
     data = sft.expert_dataset(expert, env["tok"], env["task"], texts, cfg, torch.Generator(env["device"]).manual_seed(seed),
                               env["device"], score=key["score"])
@@ -259,8 +268,9 @@ def main(argv=None):
                         env["task"], cfg, prompts=prompts)
     if env["rank"] == 0:
         result = evaluation.evaluate(model, expert, env["tok"], env["task"], env["held_out"], seed=cfg.seed)
-        with open(os.path.join(env["dir"], f"{name}.result.json"), "w") as f:
-            json.dump(dict(name=name, n_params=model.n_params(), **result), f)
+        # the grid's "done" marker: written whole or not at all
+        write_atomic(os.path.join(env["dir"], f"{name}.result.json"),
+                     json.dumps(dict(name=name, n_params=model.n_params(), **result)))
         print(evaluation.describe(f"{name} ({model.n_params():,} params) on {cfg.task}", result, len(env["held_out"])))
         if cfg.mode == "base" and cfg.student_size == cfg.expert_size and result["reward"] < expert_reward - 0.05:
             print(f"warning: {name} is the expert's own class but reaches {result['reward']:.3f} against the expert's "
@@ -273,7 +283,7 @@ def main(argv=None):
         dist.all_reduce(lo, dist.ReduceOp.MIN)
         dist.all_reduce(hi, dist.ReduceOp.MAX)
         if not torch.equal(lo, hi):
-            raise ValueError("ranks ended with different weights")
+            raise RuntimeError("ranks ended with different weights")
         rank0_print(env, f"all {env['world']} ranks hold identical weights")
         dist.destroy_process_group()
     return model
@@ -282,5 +292,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:
+    except UsageError as e:  # bad input: one line; anything else is a bug and keeps its traceback
         sys.exit(f"error: {e}")

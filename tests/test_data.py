@@ -53,6 +53,13 @@ def test_countdown_verifier_hand_made():
     assert t.reward("1,5,8;3=", "(8-5)/1") == 1 and t.reward("1,5,8;3=", "8-5") == 0  # 1 unused
 
 
+def test_countdown_rejects_leading_zeros():
+    t = CountdownTask(n_numbers=3)
+    assert t.reward("2,3,7;20=", "2*(3+7)") == 1
+    for text in ("02*(3+7)", "(0003+7)*000002", "2*(03+7)", "2*(3+07)"):
+        assert t.reward("2,3,7;20=", text) == 0, text
+
+
 @pytest.mark.parametrize("text", ["1/0", "2,3,7", "7/(3-3)*2", "(((((", "))", "(3+7*2", "3+7)*2",
                                   "__import__('os')", "9" * 10_000, "", "2**3**99999", "1e308*1e308",
                                   "9999999999*9999999999", "-2+3*7", "(3+7)*2\n", " (3+7)*2", "ⅷ+3+7"])
@@ -82,30 +89,61 @@ def test_ground_truth_sampler_is_uniform_over_answers():
 
 
 def test_verifiers_fuzzed_never_raise_never_accept_invalid():
+    """Random strings, and ground-truth answers with a character inserted, dropped or changed
+    (a 0 before a number is a leading zero), against an oracle that shares no code with the
+    verifier or with countdown_solutions."""
     rng = random.Random(0)
     cd, mi = CountdownTask(n_numbers=3), MirrorTask(digits=5)
     chars = ALPHABET + " x.eE_'\\\n\u00e9"
     gen = torch.Generator().manual_seed(0)
     prompts = [cd.sample_prompt(gen) for _ in range(5)]
+    for p in prompts:
+        assert cd.answers(p) and all(_valid_countdown(p, a) for a in cd.answers(p))  # the ground truth, checked
+    accepted = 0
     for i in range(5000):
-        s = "".join(rng.choice(chars) for _ in range(rng.randint(0, 30)))
         p = prompts[i % 5]
+        if i % 2:
+            s = "".join(rng.choice(chars) for _ in range(rng.randint(0, 30)))
+        else:
+            s, j = rng.choice(cd.answers(p)), rng.randint(0, 8)
+            s = rng.choice([s, s[:j] + "0" + s[j:], s[:j] + s[j + 1:], s[:j] + rng.choice(ALPHABET) + s[j + 1:]])
         r = cd.reward(p, s)
-        assert r == (1.0 if s in cd.answers(p) or _valid_countdown(p, s) else 0.0)
+        assert r == float(_valid_countdown(p, s)), (p, s)
+        accepted += r
         assert mi.reward("31415=", s) == float(s in ("31415", "51413"))
+    assert accepted > 100  # the oracle saw valid answers, not only garbage
 
 
 def _valid_countdown(prompt, s):
-    """Independent check for a random string: only digits/operators/parens, same numbers,
-    and the value by Python's own arithmetic on Fractions (over our own digits-only text)."""
+    """Independent oracle: Python's own parser (ast, which never evaluates anything) builds the
+    expression tree, valued here with Fractions. Valid: only digits, + - * / and parentheses;
+    every number written as Python writes it (no leading zeros: ast accepts 00); each of the
+    prompt's numbers exactly once; the target's value."""
+    import ast
+    import operator
     import re
     from fractions import Fraction
     if not s or not re.fullmatch(r"[0-9+\-*/()]+", s):
         return False
-    nums, target = CountdownTask.parse_prompt(prompt)
-    if sorted(int(x) for x in re.findall(r"\d+", s)) != sorted(nums):
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+    used = []
+
+    def value(node):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            if ast.get_source_segment(s, node) != str(node.value):
+                raise ValueError("not written canonically")
+            used.append(node.value)
+            return Fraction(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return ops[type(node.op)](value(node.left), value(node.right))
+        raise ValueError("not + - * / over numbers")  # unary minus, **, //, calls ...
+
+    try:
+        v = value(ast.parse(s, mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
         return False
-    return Fraction(target) in [v for v, texts in countdown_solutions(tuple(sorted(nums))).items() if s in texts]
+    numbers, target = prompt.rstrip("=").split(";")
+    return sorted(used) == sorted(int(x) for x in numbers.split(",")) and v == int(target)
 
 
 def test_held_out_prompts_fixed_and_disjoint():
@@ -114,6 +152,16 @@ def test_held_out_prompts_fixed_and_disjoint():
     assert a == b and len(set(a)) == 64
     train = PromptStream(t, a, seed=3).batch(5000)  # same seed as the held-out set, still disjoint
     assert not set(train) & set(a)
+
+
+def test_prompt_stream_stops_when_every_prompt_is_held_out():
+    """2-digit mirror has 100 prompts; holding out all of them used to loop forever."""
+    t = MirrorTask(digits=2)
+    held_out = eval_prompts(t, 100, seed=0)
+    assert len(set(held_out)) == 100
+    with pytest.raises(ValueError, match="all held out: task mirror has too few distinct prompts"):
+        PromptStream(t, held_out, seed=0).batch(1)
+    assert len(PromptStream(t, held_out[:99], seed=0).batch(3)) == 3  # one prompt left is enough
 
 
 def test_unknown_task_is_clear():

@@ -1,9 +1,14 @@
 """Online IL's maths: the two-part gradient is the exact gradient of the sequence-level KL."""
+import contextlib
 
+import pytest
 import torch
 
-from data import Tokenizer, encode_prompts
-from distill import advantages, returns_to_go, sequence_kl_surrogate
+from types import SimpleNamespace
+
+from data import MirrorTask, Tokenizer, encode_prompts, encode_responses
+import distill
+from distill import advantages, returns_to_go, rollouts, sequence_kl_surrogate
 from kernels import IGNORE, token_divergence, token_logprobs
 from model import make_model, response_hidden
 
@@ -66,6 +71,40 @@ def test_two_part_gradient_equals_exact_sequence_kl_gradient():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (a - b).abs().max()
 
 
+@pytest.mark.parametrize("estimator", ["full", "sampled"])
+def test_online_loss_is_on_policy_at_any_temperature(estimator):
+    """Rollouts sampled at temperature T come from softmax(z / T), so distill.loss must score
+    D, log q and log p at T, or its REINFORCE term is off-policy. Weighting every response by
+    its probability at T, the expected gradient of the loss must equal the exact gradient of
+    KL(q_T(y|x) || p_T(y|x)), enumerated from plain log_softmax(logits / T), to 1e-4."""
+    T = 0.7
+    student, expert = tiny(0), tiny(1)
+    resp, mask = all_responses(2)
+    prompt, pvalid = encode_prompts(tok, ["31415="] * len(resp))
+    P = prompt.shape[1]
+
+    def seq_logprob(model):  # log pi_T(y|x) from full logits, independent of kernels.py
+        z = model.logits(torch.cat([prompt, resp], 1), torch.cat([pvalid, mask], 1))[:, P - 1:-1]
+        lp = torch.log_softmax(z.double() / T, -1).gather(2, resp[..., None]).squeeze(2)
+        return (lp * mask).sum(1)
+
+    log_q, log_p = seq_logprob(student), seq_logprob(expert).detach()
+    assert abs(log_q.exp().sum().item() - 1) < 1e-9  # every response, at temperature T
+    exact_kl = (log_q.exp() * (log_q - log_p)).sum()
+    exact = torch.autograd.grad(exact_kl, list(student.parameters()))
+
+    batch = dict(prompt=prompt, prompt_valid=pvalid, response=resp, response_mask=mask,
+                 on_policy=torch.ones(len(resp), dtype=torch.bool))
+    cfg = SimpleNamespace(temperature=T, gamma=1.0, estimator=estimator, divergence="reverse", beta=0.5, fused=True,
+                          normalize_adv=False)  # the per-position baseline is a constant here: no bias
+    per_token, D = distill.loss(SimpleNamespace(model=student, autocast=contextlib.nullcontext), expert, batch, cfg)
+    weights = log_q.exp().detach().float()
+    assert torch.allclose((weights * D.sum(1)).sum().double(), exact_kl.detach(), rtol=1e-4)
+    estimate = torch.autograd.grad((weights * per_token.sum(1)).sum(), list(student.parameters()))
+    for a, b in zip(estimate, exact):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (a - b).abs().max()
+
+
 def test_returns_to_go_by_hand():
     cost = torch.tensor([[1.0, 2.0, 4.0, 8.0]])
     mask = torch.tensor([[True, True, True, False]])
@@ -102,3 +141,27 @@ def test_prompt_and_padding_get_no_gradient():
     sequence_kl_surrogate(D, logq, mask, 1.0).sum().backward()
     assert h.grad.view(2, 3, -1)[0, 2].abs().max() == 0  # the padded position
     assert h.grad.view(2, 3, -1)[1, 2].abs().max() > 0
+
+
+class Writes:
+    """A stand-in policy that always answers `text` (then the end token), cut at max_new_tokens."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def generate(self, prompt, prompt_valid, max_new_tokens, end_token, pad_token, temperature=1.0, generator=None):
+        resp, mask = encode_responses(tok, [self.text] * len(prompt))
+        return resp[:, :max_new_tokens], mask[:, :max_new_tokens]
+
+
+def test_mix_keeps_the_expert_rows_whole_when_the_students_stop_early():
+    """--mix: the expert's rows used to be cut to the longest student rollout, so when every
+    student stopped at once the expert's answers lost their digits and their end token."""
+    task = MirrorTask(digits=5)
+    batch = rollouts(Writes(""), Writes("31415"), ["31415="] * 4, tok, task, SimpleNamespace(mix=0.5, temperature=1.0),
+                     None, "cpu")
+    assert batch["on_policy"].tolist() == [False, False, True, True]
+    resp, mask = batch["response"], batch["response_mask"]
+    assert mask.sum(1).tolist() == [6, 6, 1, 1]  # 5 digits + end; the students' end alone
+    assert resp[0].tolist() == tok.encode("31415") + [tok.end] and resp[2, 0] == tok.end
+    assert (resp[2:, 1:] == tok.pad).all()

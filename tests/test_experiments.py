@@ -61,3 +61,17 @@ def test_toy_command_prints_the_table():
 def test_eval_cli_errors_are_one_line():
     out = subprocess.run([sys.executable, "eval.py", "/no/such.pt"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and out.stderr.strip() == "error: /no/such.pt: no such checkpoint"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--grid", "--seeds", "0"], "--seeds and --jobs must be >= 1"),  # was a KeyError traceback
+    (["--ablation", "--sizes", "medium"], "--sizes 'medium'"),  # was a cryptic unpacking error
+    (["--horizon", "--horizons", "1,x"], "--horizons '1,x'"),
+    (["--grid", "--task", "nope"], "invalid choice: 'nope'"),
+    (["--grid", "--ablation"], "choose one of"),
+])
+def test_eval_bad_flags_are_one_line(args, message, tmp_path):
+    out = subprocess.run([sys.executable, "eval.py", *args, "--out-dir", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], out.stderr

@@ -167,3 +167,16 @@ def test_tied_embedding_receives_head_gradient():
     # the head's share: rows of tokens never seen in the input still get gradient
     unseen = [i for i in range(11) if i not in tokens]
     assert unseen and g_fused[unseen].abs().sum() > 0
+
+
+def test_jsd_endpoints_are_a_convention_not_a_limit():
+    """beta=0 and 1 give forward and reverse KL (GKD/TRL), but JSD(beta) itself tends to 0 at
+    both ends, as beta*KL(p||q) and (1-beta)*KL(q||p): the jump kernels.py documents."""
+    g = torch.Generator().manual_seed(0)
+    zs, ze, eye = torch.randn(5, 11, generator=g), torch.randn(5, 11, generator=g), torch.eye(11)
+    fwd, rev = (naive_divergence(zs.double(), ze.double(), k) for k in ("forward", "reverse"))
+    assert torch.allclose(token_divergence(zs, eye, ze, "jsd", beta=0.0).double(), fwd, rtol=1e-5)
+    assert torch.allclose(token_divergence(zs, eye, ze, "jsd", beta=1.0).double(), rev, rtol=1e-5)
+    eps = 1e-3
+    assert torch.allclose(token_divergence(zs, eye, ze, "jsd", beta=eps).double() / eps, fwd, rtol=1e-2)
+    assert torch.allclose(token_divergence(zs, eye, ze, "jsd", beta=1 - eps).double() / eps, rev, rtol=1e-2)

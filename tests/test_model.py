@@ -36,6 +36,28 @@ def test_kv_cache_sampling_equals_full_recompute(temperature, top_k):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_sampler_picks_from_fp32_logits_under_bf16_autocast(device):
+    """On CUDA the sampler runs under bf16 autocast, while training scores tokens with fp32
+    logits (kernels.py), so the sampler must use fp32 logits too: the policy sampled is the
+    policy trained. Logits 1.000 and 1.001 are equal in bf16; greedy decoding must still pick
+    the larger. Without a GPU, CPU autocast stands in for CUDA's."""
+    m = model().to(device)
+    d = m.cfg.n_embd
+    with torch.no_grad():
+        m.wte.weight.zero_()
+        m.wte.weight[:, 0] = -1.0
+        m.wte.weight[3, 0], m.wte.weight[7, 0] = 1.0, 1.001
+    h = torch.zeros(1, 1, d, device=device)
+    h[..., 0] = 1.0
+    m.forward = lambda tokens, valid, cache=None, start=0, pos=None: h.expand(tokens.shape[0], tokens.shape[1], d)
+    prompt, valid = encode_prompts(tok, ["1="], device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        resp, _ = m.generate(prompt, valid, 1, tok.end, tok.pad, temperature=0.0)
+    assert resp[0, 0] == 7
+
+
 def test_seeded_sampling_repeats_and_stops_at_end():
     m = model()
     prompt, valid = encode_prompts(tok, PROMPTS * 8)
@@ -88,3 +110,17 @@ def test_checkpoint_atomic_and_refuses_mismatch(tmp_path):
         load_checkpoint(str(bad))
     with pytest.raises(ValueError, match="no such checkpoint"):
         load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+class Payload:
+    """Any pickled object that is not a tensor or plain data: unpickling it could run code."""
+
+
+def test_checkpoint_loads_only_tensors_and_plain_data(tmp_path):
+    """load_checkpoint uses torch.load(weights_only=True): a checkpoint is data, never code."""
+    path = str(tmp_path / "m.pt")
+    save_checkpoint(path, model(), step=3, config=dict(lr=0.1), rng=[torch.Generator().get_state()])
+    assert load_checkpoint(path)[1]["step"] == 3  # what run checkpoints hold loads
+    save_checkpoint(path, model(), extra=Payload())
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(path)

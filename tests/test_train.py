@@ -71,6 +71,36 @@ def test_metrics_and_checkpoints_describe_themselves(tiny_runs):
     assert len(sft_steps) == len(steps)
 
 
+def test_zero_steps_train_nothing_and_still_finish(tmp_path):
+    """--expert-steps 0, --base-steps 0 (online IL from a random init) and --steps 0 each used to
+    stop at max() over an empty dataset. Now each saves its untrained model and evaluates it."""
+    train("--mode", "sft", "--out-dir", str(tmp_path), *TINY, "--expert-steps", "0", "--base-steps", "0", "--steps", "0")
+    cks = {n: torch.load(tmp_path / "mirror" / f"{n}.pt", weights_only=True) for n in ("expert", "base-small", "sft-small")}
+    assert all(ck["step"] == ck["total"] == 0 for ck in cks.values())
+    assert all(torch.equal(cks["base-small"]["model"][k], v) for k, v in cks["sft-small"]["model"].items())
+    assert 0 <= result(str(tmp_path), "sft-small")["reward"] <= 1
+
+
+def test_metrics_jsonl_holds_one_run_each_step_once(tiny_runs, tmp_path):
+    """metrics.jsonl was opened for appending and never reset: a rerun added a second run to it,
+    and after a crash and --resume the steps past the checkpoint appeared twice."""
+    d, _ = tiny_runs
+    shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("onpolicy*"))
+    args = ["--mode", "sft", "--out-dir", str(tmp_path), *TINY]
+    metrics = tmp_path / "mirror" / "sft-small.metrics.jsonl"
+
+    def steps_logged():
+        return [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
+
+    assert steps_logged() == list(range(1, 61))  # tiny_runs' own sft run
+    train(*args)  # a fresh rerun replaces that run's rows
+    assert steps_logged() == list(range(1, 61))
+    with open(metrics, "a") as f:  # what a crash after step 60's checkpoint leaves: later rows, a cut line
+        f.write(json.dumps(dict(step=61, loss=0.0)) + "\n" + '{"step": 62, "lo')
+    train(*args, "--steps", "62", "--resume")
+    assert steps_logged() == list(range(1, 63))
+
+
 def test_seeded_runs_are_identical(tiny_runs, tmp_path):
     d, _ = tiny_runs
     shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror",
@@ -114,6 +144,55 @@ def test_ctrl_c_then_resume_equals_uninterrupted(tiny_runs, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_help_lists_every_flag_with_its_help():
+    """The first command a reader types (it used to die on the '%' in a help line)."""
+    from dataclasses import fields
+    from train import Config
+    out = train("--help", timeout=60)
+    assert out.stderr == ""
+    for f in fields(Config):
+        assert "--" + f.name.replace("_", "-") in out.stdout, f.name
+    assert "cosine decay to 10%" in " ".join(out.stdout.split())
+
+
+def test_resume_with_another_number_of_ranks_is_one_clear_line(tiny_runs, tmp_path):
+    """Each rank resumes its own generator states; another world size used to be an IndexError
+    traceback (more ranks) or a silent resume with the wrong streams (fewer)."""
+    d, _ = tiny_runs
+    shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("sft*"))
+    path = tmp_path / "mirror" / "onpolicy-small-g1.pt"
+    ck = torch.load(path, weights_only=True)
+    ck["rng"] = {k: v * 2 for k, v in ck["rng"].items()}  # as if saved by 2 ranks
+    torch.save(ck, path)
+    out = train("--mode", "onpolicy", "--out-dir", str(tmp_path), *TINY, "--resume", check=False)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and len(lines) == 1 and "was saved by 2 rank(s)" in lines[0], out.stderr
+
+
+def test_killed_run_resumes_from_its_held_back_checkpoint_exactly(tiny_runs, tmp_path):
+    """Periodic checkpoints are written one step late (once the next step found the weights
+    good) with the RNG states of the step they belong to: a run killed between checkpoints
+    resumes to the same weights as an uninterrupted one, and metrics.jsonl has each step once."""
+    d, _ = tiny_runs
+    shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("onpolicy*", "sft*"))
+    args = ["--mode", "onpolicy", "--out-dir", str(tmp_path), *TINY, "--save-every", "10"]
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "mirror" / "onpolicy-small-g1.metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count('"loss"') >= 25) and time.time() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait(timeout=60)
+    ck = torch.load(tmp_path / "mirror" / "onpolicy-small-g1.pt", weights_only=True)
+    assert 10 <= ck["step"] < 60, "kill the run between checkpoints"
+    train(*args, "--resume")
+    a = torch.load(os.path.join(d, "mirror", "onpolicy-small-g1.pt"), weights_only=True)["model"]
+    b = torch.load(tmp_path / "mirror" / "onpolicy-small-g1.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line] == list(range(1, 61))
+
+
 @pytest.mark.parametrize("args,message", [
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--task", "nope"], "invalid choice: 'nope'"),
@@ -127,12 +206,33 @@ def test_ctrl_c_then_resume_equals_uninterrupted(tiny_runs, tmp_path):
     (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
     (["--steps", "-1"], "--steps must be >= 0"),
     (["--lr", "abc"], "invalid float value: 'abc'"),
+    (["--grad-clip", "-1"], "--grad-clip must be > 0"),  # a negative clip flips the gradient
+    (["--grad-clip", "0"], "--grad-clip must be > 0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (["--mix", "0.999"], "gives 128 expert rows of 128 per rank"),  # no on-policy rows left
+    (["--mix", "0.001"], "gives 0 expert rows of 128 per rank"),
+    (["--estimator", "sampled", "--divergence", "forward"], "it takes no --divergence or --mix"),
+    (["--estimator", "sampled", "--mix", "0.5"], "it takes no --divergence or --mix"),
+    (["--beta", "0.3"], "--beta applies to --divergence jsd only"),
+    (["--digits", "2", "--eval-prompts", "100"], "too few distinct prompts"),  # used to loop forever
 ])
 def test_bad_input_is_one_clear_line(args, message):
     out = train(*args, check=False, timeout=60)
     assert out.returncode != 0 and out.stdout == ""
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("error:"), out.stderr
+
+
+def test_a_bug_keeps_its_traceback(tmp_path):
+    """Only the project's UsageError becomes one line: an internal ValueError (a bug) must show
+    its traceback rather than pass for bad input."""
+    code = ("import runpy, sys, data\n"
+            "def bug(*a): raise ValueError('internal bug')\n"
+            "data.PromptStream.batch = bug\n"
+            f"sys.argv = ['train.py', '--mode', 'expert', '--out-dir', {str(tmp_path)!r}, *{TINY!r}]\n"
+            "runpy.run_path('train.py', run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" in out.stderr and "ValueError: internal bug" in out.stderr
 
 
 def test_foreign_or_corrupt_checkpoint_is_refused_and_kept(tiny_runs, tmp_path):
@@ -149,6 +249,58 @@ def test_foreign_or_corrupt_checkpoint_is_refused_and_kept(tiny_runs, tmp_path):
     expert.write_bytes(b"garbage")
     out = train("--mode", "base", "--out-dir", str(tmp_path), *TINY, check=False)
     assert out.returncode != 0 and "not a readable checkpoint" in out.stderr and expert.read_bytes() == b"garbage"
+
+
+def test_students_and_eval_refuse_a_retrained_expert(tiny_runs, tmp_path):
+    """Every checkpoint records its expert's fingerprint: after expert.pt is retrained, the old
+    base is not silently paired with it, and eval.py CHECKPOINT does not trust it either."""
+    d, _ = tiny_runs
+    shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("sft*"))
+    train("--mode", "expert", "--out-dir", str(tmp_path / "other"), *TINY, "--expert-steps", "5", "--seed", "1")
+    shutil.copy(tmp_path / "other" / "mirror" / "expert.pt", tmp_path / "mirror" / "expert.pt")
+    out = train("--mode", "sft", "--out-dir", str(tmp_path), *TINY, check=False)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and len(lines) == 1 and "base-small.pt: made for expert=" in lines[0], out.stderr
+    assert not (tmp_path / "mirror" / "sft-small.pt").exists()
+    student = str(tmp_path / "mirror" / "onpolicy-small-g1.pt")
+    out = subprocess.run([sys.executable, "eval.py", student], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and len(lines) == 1 and "is not the expert" in lines[0], out.stderr
+    out = subprocess.run([sys.executable, "eval.py", student, "--expert", os.path.join(d, "mirror", "expert.pt")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "result: " in out.stdout, out.stderr
+
+
+def test_corrupt_expert_samples_cache_is_sampled_again(tiny_runs, tmp_path):
+    d, _ = tiny_runs
+    shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("sft*", "onpolicy*"))
+    caches = sorted((tmp_path / "mirror").glob("expert-samples-*.pt"))
+    assert caches
+    for i, c in enumerate(caches):  # one cut short, the rest garbage
+        c.write_bytes(c.read_bytes()[:len(c.read_bytes()) // 2] if i == 0 else b"garbage")
+    out = train("--mode", "sft", "--out-dir", str(tmp_path), *TINY)
+    assert "sampling it again" in out.stdout
+    assert result(str(tmp_path), "sft-small") == result(d, "sft-small")  # the same samples, the same run
+    used = next((tmp_path / "mirror").glob("expert-samples-1920-*.pt"))  # --steps 60 x --batch-size 32
+    assert torch.load(used, weights_only=True)["data"]["response"].shape[0] == 1920  # rewritten whole
+
+
+def test_result_json_is_written_whole_or_not_at_all(tiny_runs, tmp_path, monkeypatch):
+    """result.json is the grid's "done" marker: a run that fails while writing it must not
+    leave a half-written one (it used to be opened in place and dumped into)."""
+    import train as train_py
+    d, _ = tiny_runs
+    shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("sft*", "onpolicy*"))
+    real = train_py.evaluation.evaluate
+    monkeypatch.setattr(train_py.evaluation, "evaluate", lambda *a, **k: dict(real(*a, **k), oops=object()))
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(TypeError, match="not JSON serializable"):
+            train_py.main(["--mode", "sft", "--out-dir", str(tmp_path), *TINY, "--steps", "0"])
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "mirror" / "sft-small.pt").exists()
+    assert not [p.name for p in (tmp_path / "mirror").iterdir() if "result.json" in p.name and "sft" in p.name]
 
 
 def test_torchrun_two_processes_match_one(tiny_runs, tmp_path):
@@ -173,12 +325,22 @@ def test_torchrun_two_processes_match_one(tiny_runs, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_runs, tmp_path):
+    """The checkpoint kept after a divergence is one whose weights gave a finite loss and
+    gradient, so resuming it trains on. It used to be the diverged one: a step at lr ~1e29
+    gives finite weights of ~1e29, saved at once, then a NaN loss at the next step."""
     d, _ = tiny_runs
     shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("onpolicy*", "sft*"))
-    # an absurd learning rate blows the weights up within a few steps
-    out = train("--mode", "sft", "--out-dir", str(tmp_path), *TINY, "--lr", "1e30", "--save-every", "1", check=False)
+    args = ["--mode", "sft", "--out-dir", str(tmp_path), *TINY, "--save-every", "1"]
+    out = train(*args, "--lr", "1e30", check=False)  # blows the weights up in one step
+    assert out.returncode != 0 and "no checkpoint of this run was written" in out.stderr
+    train(*args, "--steps", "10")  # ten good steps, then a learning rate that diverges at once
+    out = train(*args, "--resume", "--lr", "1e30", check=False)
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "non-finite loss" in lines[0] and "last good checkpoint is kept" in lines[0]
     ck = torch.load(tmp_path / "mirror" / "sft-small.pt", weights_only=False)
     assert 1 <= ck["step"] < 60 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert ck["step"] == 10  # the weights the diverging step started from, not the ones it made
+    train(*args, "--resume")  # the kept checkpoint trains on to the end
+    ck = torch.load(tmp_path / "mirror" / "sft-small.pt", weights_only=True)
+    assert ck["step"] == 60 and all(torch.isfinite(v).all() for v in ck["model"].values())

@@ -1,0 +1,137 @@
+"""runtime.Run in-process: non-finite gradients, Ctrl-C on every rank, the stop flags of two DDP
+ranks, and resuming a GPU run (simulated)."""
+import multiprocessing
+import os
+import signal
+import socket
+
+import pytest
+import torch
+
+import runtime
+from data import PromptStream
+from errors import UsageError
+from model import make_model
+from runtime import Run, setup
+from train import parse_args
+
+FLAGS = ["--digits", "2", "--expert-size", "tiny", "--student-size", "tiny", "--batch-size", "4", "--eval-prompts", "8",
+         "--device", "cpu"]
+
+
+def make_run(out_dir, *flags, total=10):
+    cfg = parse_args([*FLAGS, "--out-dir", str(out_dir), *flags])
+    env = setup(cfg)  # under torch.distributed's RANK/WORLD_SIZE variables this joins the group
+    model = make_model("tiny", env["block_size"], env["tok"].vocab_size, seed=0).to(env["device"])
+    return Run(cfg, env, "t", model, total, 1e-3)
+
+
+def test_non_finite_gradient_with_finite_loss_stops_before_the_step(tmp_path):
+    """sqrt(0 * w) is 0, but its gradient is 0 * inf = NaN: the loss check alone let it through
+    and opt.step() wrote NaN into every weight."""
+    run = make_run(tmp_path)
+    before = [p.detach().clone() for p in run.raw.parameters()]
+    loss = torch.sqrt((run.raw.wte.weight * 0).sum())
+    assert torch.isfinite(loss)
+    with pytest.raises(UsageError, match="non-finite loss or gradient"):
+        run.optimize(loss)
+    assert all(torch.equal(a, b) for a, b in zip(before, run.raw.parameters()))
+
+
+def _one_rank_has_a_nan_loss(rank, port, out_dir, results):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    run = make_run(out_dir)
+    tokens = torch.tensor([[1, 2, 3]])
+    loss = run.model(tokens, torch.ones_like(tokens, dtype=torch.bool)).sum() * (float("nan") if rank else 1.0)
+    try:
+        run.optimize(loss)
+        results.put((rank, "stepped"))
+    except UsageError:
+        results.put((rank, "stopped"))
+
+
+def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    """Under torchrun one rank's NaN must stop all of them: a rank that raised alone left the
+    others waiting in DDP's gradient all-reduce for ever."""
+    ctx = multiprocessing.get_context("spawn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_one_rank_has_a_nan_loss, args=(r, port, str(tmp_path), results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = sorted(results.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    assert got == [(0, "stopped"), (1, "stopped")]
+
+
+def test_every_rank_finishes_its_step_on_ctrl_c(tmp_path):
+    """torchrun passes Ctrl-C to every worker. The handler used to be on rank 0 only, so the
+    other ranks died mid-step and rank 0 waited for them; now each finishes the step, and they
+    stop together (exit 130) after the checkpoint."""
+    run = make_run(tmp_path)
+    run.rank = 1  # a second rank (world 1 here, so no process group is needed)
+    before, code, finished = signal.getsignal(signal.SIGINT), None, []
+    try:
+        for step in run.steps():
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives mid-step
+            finished.append(step)
+    except KeyboardInterrupt:
+        pytest.fail("a rank other than 0 died on Ctrl-C instead of finishing its step")
+    except SystemExit as e:
+        code = e.code
+    assert code == 130 and finished == [0] and signal.getsignal(signal.SIGINT) is before
+
+
+def test_resume_reads_the_checkpoint_on_the_cpu(tmp_path, monkeypatch):
+    """--resume on CUDA mapped the whole checkpoint to the GPU, and the CPU prompt generator
+    refused its state (TypeError). Simulated: a run that believes it is on cuda:0, and a
+    load_checkpoint that puts the prompt generator's state on the device it is asked for
+    ('meta' stands in for the GPU; the old code moved the sample generator's state back with
+    .cpu(), which meta cannot do). Resume must read on the CPU and restore both generators."""
+    run = make_run(tmp_path)
+    run.prompts = PromptStream(run.env["task"], run.env["held_out"], seed=1)
+    run.prompts.batch(3)
+    run.save(run.snapshot(3))
+    saved = run.prompts.g.get_state(), run.sample_gen.get_state()
+    run = make_run(tmp_path, "--resume")
+    run.prompts = PromptStream(run.env["task"], run.env["held_out"], seed=2)
+    run.device = "cuda:0"  # what a GPU run holds (its sample generator is built already)
+    real = runtime.load_checkpoint
+
+    def mapped(path, expect=None, device="cpu"):
+        model, ck = real(path, expect, "cpu")
+        if device != "cpu":
+            ck["rng"]["prompts"] = [s.to("meta") for s in ck["rng"]["prompts"]]
+        return model, ck
+
+    monkeypatch.setattr(runtime, "load_checkpoint", mapped)
+    run.resume_if_asked()
+    assert run.start == 3 and torch.equal(run.prompts.g.get_state(), saved[0])
+    assert torch.equal(run.sample_gen.get_state(), saved[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_resume_on_cuda_restores_every_generator(tmp_path):
+    """The real case the test above simulates: a run on the GPU, its CPU prompt generator and
+    its CUDA sampling generator, saved and resumed."""
+    run = make_run(tmp_path, "--device", "cuda")
+    run.prompts = PromptStream(run.env["task"], run.env["held_out"], seed=1)
+    run.prompts.batch(3)
+    torch.rand(5, device="cuda", generator=run.sample_gen)
+    run.save(run.snapshot(3))
+    saved = run.prompts.g.get_state(), run.sample_gen.get_state(), [p.detach().cpu() for p in run.raw.parameters()]
+    run = make_run(tmp_path, "--device", "cuda", "--resume")
+    run.prompts = PromptStream(run.env["task"], run.env["held_out"], seed=2)
+    run.resume_if_asked()
+    assert run.start == 3 and torch.equal(run.prompts.g.get_state(), saved[0])
+    assert torch.equal(run.sample_gen.get_state(), saved[1])
+    assert all(p.is_cuda and torch.equal(p.cpu(), q) for p, q in zip(run.raw.parameters(), saved[2]))
