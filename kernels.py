@@ -120,55 +120,79 @@ def _xlogy_diff(a, log_a, log_b):
     return torch.where(a > 0, a * (log_a - log_b), 0.0)
 
 
+def _expert_logits(expert, v0, v1, temperature):
+    """The expert's logits of vocabulary slice [v0, v1), fp32, no grad. expert is
+    (logits [N, V], None, None) or (None, expert_h, expert_W)."""
+    logits, eh, eW = expert
+    if logits is not None:
+        return logits[:, v0:v1].float() / temperature
+    with torch.no_grad():
+        return _logits(eh, eW, v0, v1, temperature)
+
+
+def _divergence_pass(h, W, expert, kind, beta, temperature, block):
+    """The divergence's forward over vocabulary blocks: per row, both normalisers lse_s and
+    lse_e, the divergence div, and c = <q, dD/dq> (used by the JSD gradient; else zero)."""
+    N, V = h.shape[0], W.shape[0]
+    # pass 1: both normalisers by online logsumexp. For reverse/forward KL the same pass
+    # also keeps the running sum A = sum_j exp(z_j - m) (z_j - z'_j) of the distribution
+    # being averaged over, rescaled whenever its max moves, because
+    #   KL(q||p) = sum_j q_j (zs_j - ze_j) - lse_s + lse_e = A_s / S_s - lse_s + lse_e
+    # so these two kinds need a single GEMM per block in the forward.
+    ms = torch.full((N,), -math.inf, device=h.device); ss = torch.zeros(N, device=h.device)
+    me = torch.full((N,), -math.inf, device=h.device); se = torch.zeros(N, device=h.device)
+    acc = torch.zeros(N, device=h.device)
+    for v0 in range(0, V, block):
+        v1 = min(V, v0 + block)
+        zs, ze = _logits(h, W, v0, v1, temperature), _expert_logits(expert, v0, v1, temperature)
+        ms_new = torch.maximum(ms, zs.max(1).values)
+        me_new = torch.maximum(me, ze.max(1).values)
+        me_safe = torch.where(torch.isfinite(me_new), me_new, 0.0)  # a block of all -inf
+        es, ee = torch.exp(zs - ms_new[:, None]), torch.exp(ze - me_safe[:, None])
+        if kind == "reverse":
+            acc = acc * torch.exp(ms - ms_new) + torch.where(es > 0, es * (zs - ze), 0.0).sum(1)
+        elif kind == "forward":
+            acc = acc * torch.exp(me - me_safe) + torch.where(ee > 0, ee * (ze - zs), 0.0).sum(1)
+        ss = ss * torch.exp(ms - ms_new) + es.sum(1)
+        se = se * torch.exp(me - me_safe) + ee.sum(1)
+        ms, me = ms_new, me_new
+    lse_s, lse_e = ms + torch.log(ss), me + torch.log(se)
+    c = torch.zeros(N, device=h.device)  # <q, dD/dq>, for the JSD backward
+    if kind == "reverse":
+        div = acc / ss - lse_s + lse_e
+    elif kind == "forward":
+        div = acc / se - lse_e + lse_s
+    else:  # pass 2 (JSD): the mixture needs both normalised distributions first
+        div = torch.zeros(N, device=h.device)
+        for v0 in range(0, V, block):
+            v1 = min(V, v0 + block)
+            logq = _logits(h, W, v0, v1, temperature) - lse_s[:, None]
+            logp = _expert_logits(expert, v0, v1, temperature) - lse_e[:, None]
+            logm = torch.logaddexp(logp + math.log(beta), logq + math.log(1 - beta))
+            kl_qm = _xlogy_diff(logq.exp(), logq, logm).sum(1)
+            div += beta * _xlogy_diff(logp.exp(), logp, logm).sum(1) + (1 - beta) * kl_qm
+            c += (1 - beta) * kl_qm
+    return lse_s, lse_e, div, c
+
+
+def _divergence_grad(logq, logp, div, c, kind, beta):
+    """dD/dz_k of one block of logits (before the 1/T): q_k (a_k - <q, a>) with a = dD/dq;
+    also returns q, which the log-prob gradient needs too."""
+    q = logq.exp()
+    if kind == "reverse":  # a = log q - log p (+1, which cancels)
+        return torch.where(q > 0, q * (logq - logp - div[:, None]), 0.0), q
+    if kind == "forward":  # a = -p/q
+        return q - logp.exp(), q
+    # jsd: a = (1-beta) (log q - log m)
+    logm = torch.logaddexp(logp + math.log(beta), logq + math.log(1 - beta))
+    return q * ((1 - beta) * (logq - logm) - c[:, None]), q
+
+
 class _TokenDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, W, expert_logits, expert_h, expert_W, kind, beta, temperature, block):
-        N, V = h.shape[0], W.shape[0]
-
-        def expert_block(v0, v1):
-            if expert_logits is not None:
-                return expert_logits[:, v0:v1].float() / temperature
-            with torch.no_grad():
-                return _logits(expert_h, expert_W, v0, v1, temperature)
-
-        # pass 1: both normalisers by online logsumexp. For reverse/forward KL the same pass
-        # also keeps the running sum A = sum_j exp(z_j - m) (z_j - z'_j) of the distribution
-        # being averaged over, rescaled whenever its max moves, because
-        #   KL(q||p) = sum_j q_j (zs_j - ze_j) - lse_s + lse_e = A_s / S_s - lse_s + lse_e
-        # so these two kinds need a single GEMM per block in the forward.
-        ms = torch.full((N,), -math.inf, device=h.device); ss = torch.zeros(N, device=h.device)
-        me = torch.full((N,), -math.inf, device=h.device); se = torch.zeros(N, device=h.device)
-        acc = torch.zeros(N, device=h.device)
-        for v0 in range(0, V, block):
-            v1 = min(V, v0 + block)
-            zs, ze = _logits(h, W, v0, v1, temperature), expert_block(v0, v1)
-            ms_new = torch.maximum(ms, zs.max(1).values)
-            me_new = torch.maximum(me, ze.max(1).values)
-            me_safe = torch.where(torch.isfinite(me_new), me_new, 0.0)  # a block of all -inf
-            es, ee = torch.exp(zs - ms_new[:, None]), torch.exp(ze - me_safe[:, None])
-            if kind == "reverse":
-                acc = acc * torch.exp(ms - ms_new) + torch.where(es > 0, es * (zs - ze), 0.0).sum(1)
-            elif kind == "forward":
-                acc = acc * torch.exp(me - me_safe) + torch.where(ee > 0, ee * (ze - zs), 0.0).sum(1)
-            ss = ss * torch.exp(ms - ms_new) + es.sum(1)
-            se = se * torch.exp(me - me_safe) + ee.sum(1)
-            ms, me = ms_new, me_new
-        lse_s, lse_e = ms + torch.log(ss), me + torch.log(se)
-        c = torch.zeros(N, device=h.device)  # <q, dD/dq>, for the JSD backward
-        if kind == "reverse":
-            div = acc / ss - lse_s + lse_e
-        elif kind == "forward":
-            div = acc / se - lse_e + lse_s
-        else:  # pass 2 (JSD): the mixture needs both normalised distributions first
-            div = torch.zeros(N, device=h.device)
-            for v0 in range(0, V, block):
-                v1 = min(V, v0 + block)
-                logq = _logits(h, W, v0, v1, temperature) - lse_s[:, None]
-                logp = expert_block(v0, v1) - lse_e[:, None]
-                logm = torch.logaddexp(logp + math.log(beta), logq + math.log(1 - beta))
-                kl_qm = _xlogy_diff(logq.exp(), logq, logm).sum(1)
-                div += beta * _xlogy_diff(logp.exp(), logp, logm).sum(1) + (1 - beta) * kl_qm
-                c += (1 - beta) * kl_qm
+        expert = (expert_logits, expert_h, expert_W)
+        lse_s, lse_e, div, c = _divergence_pass(h, W, expert, kind, beta, temperature, block)
         ctx.save_for_backward(h, W, expert_logits, expert_h, expert_W, lse_s, lse_e, div, c)
         ctx.kind, ctx.beta, ctx.temperature, ctx.block = kind, beta, temperature, block
         return div
@@ -183,20 +207,8 @@ class _TokenDivergence(torch.autograd.Function):
         for v0 in range(0, V, block):
             v1 = min(V, v0 + block)
             logq = _logits(h, W, v0, v1, T) - lse_s[:, None]
-            if expert_logits is not None:
-                logp = expert_logits[:, v0:v1].float() / T - lse_e[:, None]
-            else:
-                with torch.no_grad():
-                    logp = _logits(expert_h, expert_W, v0, v1, T) - lse_e[:, None]
-            q, p = logq.exp(), logp.exp()
-            # dD/dz_k = q_k (a_k - <q, a>) with a = dD/dq; written out per kind:
-            if kind == "reverse":  # a = log q - log p (+1, which cancels)
-                Gz = torch.where(q > 0, q * (logq - logp - div[:, None]), 0.0)
-            elif kind == "forward":  # a = -p/q
-                Gz = q - p
-            else:  # a = (1-beta) (log q - log m)
-                logm = torch.logaddexp(logp + math.log(beta), logq + math.log(1 - beta))
-                Gz = q * ((1 - beta) * (logq - logm) - c[:, None])
+            logp = _expert_logits((expert_logits, expert_h, expert_W), v0, v1, T) - lse_e[:, None]
+            Gz, _ = _divergence_grad(logq, logp, div, c, kind, beta)
             G = (g[:, None] * Gz / T).to(h.dtype)
             if grad_h is not None:
                 grad_h += G @ W[v0:v1]
@@ -218,15 +230,21 @@ def naive_divergence(zs, ze, kind, beta=0.5):
     return beta * _xlogy_diff(p, logp, logm).sum(-1) + (1 - beta) * _xlogy_diff(q, logq, logm).sum(-1)
 
 
-def token_divergence(h, W, expert, kind="reverse", beta=0.5, temperature=1.0, fused=True, block=None):
-    """Per-row divergence between the student softmax(h W^T / T) and the expert's softmax.
-    expert: expert logits [N, V], or (expert_h, expert_W) evaluated block by block, no grad."""
+def _divergence_kind(kind, beta):
+    """Check the divergence's name and beta; JSD's endpoints are the KLs (GKD/TRL)."""
     if kind not in ("reverse", "forward", "jsd"):
         raise ValueError(f"unknown divergence {kind!r}; choose reverse, forward or jsd")
     if kind == "jsd" and not 0 <= beta <= 1:
         raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
-    if kind == "jsd" and beta in (0, 1):  # the GKD/TRL endpoints
+    if kind == "jsd" and beta in (0, 1):
         kind = "forward" if beta == 0 else "reverse"
+    return kind
+
+
+def token_divergence(h, W, expert, kind="reverse", beta=0.5, temperature=1.0, fused=True, block=None):
+    """Per-row divergence between the student softmax(h W^T / T) and the expert's softmax.
+    expert: expert logits [N, V], or (expert_h, expert_W) evaluated block by block, no grad."""
+    kind = _divergence_kind(kind, beta)
     if not fused:
         ze = expert if torch.is_tensor(expert) else (expert[0] @ expert[1].T).detach()
         return naive_divergence((h @ W.T).float() / temperature, ze.float() / temperature, kind, beta)
