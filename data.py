@@ -7,15 +7,21 @@ offline (SFT) student must cover every mode of the expert, an online student may
 
 Tasks
 -----
-mirror (default): the prompt is n random digits and '='; a correct answer reads H digits
-    from either end of the prompt: forward ``31415= -> 31415`` or backward ``31415= -> 51413``.
-    There is no marker saying which, so the expert (2 layers) learns "pick an end, then keep
-    going from it". Keeping going needs the model to look at what it already wrote, find that
-    digit in the prompt and fetch its neighbour: an induction-style composition of two
-    attention layers. A 1-layer student cannot compose, so at each position it can only
-    output a mixture of the forward and the backward digit: it is *misspecified*. It can
-    still represent one mode perfectly (copy forward is a fixed positional lookup), which
-    makes the misspecification *reward-relative*: some high-reward behaviour is in reach.
+mirror (default): the prompt is n random digits and '='; a correct answer names a direction
+    and reads H digits from that end of the prompt: ``31415= -> +31415`` (forward) or
+    ``31415= -> -51413`` (backward). The expert (2 layers x 4 heads) learns both, half the time
+    each. After the sign, each digit is a copy from one of two places (position t, or
+    position n-1-t), chosen by the sign: the model must read the sign *and* the right digit.
+    The 1-layer, 1-head student reads one place per step (a single softmax over the context),
+    so it cannot make its digits depend on the sign it wrote: it is *misspecified*. It can
+    still represent one mode perfectly (always "+", then copy position t: a fixed positional
+    lookup), so the misspecification is *reward-relative*: some high-reward behaviour is in
+    reach. With two or more heads a 1-layer model could read both; the student's single head
+    is what makes it misspecified (README, "How misspecified is the student?").
+    --no-mirror-sign drops the sign: the direction is then implicit in the first digit, and
+    keeping to it at the second digit needs an equality test (is the first digit d_0 or
+    d_{n-1}?) that a 2-layer model learns late or never on some seeds (README, "Training that
+    converges").
 countdown (the paper's task): given n numbers and a target, write an expression with
     + - * / and parentheses that uses every given number exactly once and equals the target.
     Ground truth is every such expression (minimal parentheses), found by exhaustive search.
@@ -125,9 +131,10 @@ def _randint(lo, hi, g):
 
 @dataclass
 class MirrorTask:
-    """Read H digits from either end of an n-digit prompt (see module docstring)."""
+    """Name a direction, then read H digits from that end of an n-digit prompt (module docstring)."""
     digits: int = 5
     answer_len: int = 0  # H; 0 means H = digits
+    sign: bool = True  # the answer starts with + (forward) or - (backward)
     name: str = "mirror"
 
     def __post_init__(self):
@@ -143,14 +150,16 @@ class MirrorTask:
 
     @property
     def max_response_len(self):
-        return self.answer_len
+        return self.answer_len + self.sign
 
     def sample_prompt(self, g):
         return "".join(str(_randint(0, 9, g)) for _ in range(self.digits)) + "="
 
     def answers(self, prompt):
-        d = prompt[:-1]
-        return sorted({d[:self.answer_len], d[::-1][:self.answer_len]})
+        d, H = prompt[:-1], self.answer_len
+        if self.sign:  # two answers always, even where the two readings coincide
+            return ["+" + d[:H], "-" + d[::-1][:H]]
+        return sorted({d[:H], d[::-1][:H]})
 
     def reward(self, prompt, response):
         return float(response in self.answers(prompt))

@@ -44,6 +44,7 @@ class Config:
     task: str = opt("mirror", "mirror (default) | countdown")
     digits: int = opt(5, "mirror: prompt digits")
     answer_len: int = opt(0, "mirror: answer digits H (0: all of them)")
+    mirror_sign: bool = opt(True, "mirror: the answer starts with + (forward) or - (backward); off: implicit")
     n_numbers: int = opt(3, "countdown: how many numbers")
     max_number: int = opt(20, "countdown: numbers are drawn from 1..max_number")
     max_target: int = opt(100, "countdown: targets are in 1..max_target")

@@ -34,10 +34,16 @@ def test_padded_batches():
 
 def test_mirror_verifier_hand_made():
     t = MirrorTask(digits=5)
-    assert t.reward("31415=", "31415") == 1 and t.reward("31415=", "51413") == 1
-    for wrong in ("31414", "3141", "314155", "", "51431", "<|pad|>"):
+    assert t.reward("31415=", "+31415") == 1 and t.reward("31415=", "-51413") == 1
+    for wrong in ("31415", "51413", "-31415", "+51413", "+31414", "+3141", "+314155", "", "+", "-51431", "<|pad|>"):
         assert t.reward("31415=", wrong) == 0
-    assert MirrorTask(digits=4, answer_len=1).answers("1234=") == ["1", "4"]
+    assert MirrorTask(digits=4, answer_len=1).answers("1234=") == ["+1", "-4"]
+    assert MirrorTask(digits=3, answer_len=2).answers("121=") == ["+12", "-12"]  # the sign still differs
+    # without the sign the direction is implicit, and coinciding readings are one answer
+    t = MirrorTask(digits=5, sign=False)
+    assert t.reward("31415=", "31415") == 1 and t.reward("31415=", "51413") == 1 and t.reward("31415=", "+31415") == 0
+    assert MirrorTask(digits=4, answer_len=1, sign=False).answers("1234=") == ["1", "4"]
+    assert MirrorTask(digits=3, answer_len=2, sign=False).answers("121=") == ["12"]
 
 
 def test_countdown_verifier_hand_made():
@@ -85,7 +91,7 @@ def test_ground_truth_sampler_is_uniform_over_answers():
     t = MirrorTask(digits=5)
     g = torch.Generator().manual_seed(0)
     draws = [sample_answer(t, "12345=", g) for _ in range(2000)]
-    assert set(draws) == {"12345", "54321"} and 900 < draws.count("12345") < 1100
+    assert set(draws) == {"+12345", "-54321"} and 900 < draws.count("+12345") < 1100
 
 
 def test_verifiers_fuzzed_never_raise_never_accept_invalid():
@@ -110,7 +116,7 @@ def test_verifiers_fuzzed_never_raise_never_accept_invalid():
         r = cd.reward(p, s)
         assert r == float(_valid_countdown(p, s)), (p, s)
         accepted += r
-        assert mi.reward("31415=", s) == float(s in ("31415", "51413"))
+        assert mi.reward("31415=", s) == float(s in ("+31415", "-51413"))
     assert accepted > 100  # the oracle saw valid answers, not only garbage
 
 
