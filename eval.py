@@ -10,6 +10,9 @@ Metrics (held-out prompts, disjoint from training prompts):
   fwd_kl         sequence-level KL(expert || student), on expert samples   (what SFT minimises)
   rev_kl         sequence-level KL(student || expert), on student samples  (what online IL minimises)
   coverage       distinct valid answers per prompt among k samples (the expert covers every mode)
+  follow         per answer position: the probability of the right next token after a correct
+                 prefix, averaged over every valid answer (teacher forcing). Where a student
+                 cannot tell the modes apart it is at most 1/2 there, whatever it was trained by.
 """
 import json
 import os
@@ -17,7 +20,7 @@ import sys
 
 import torch
 
-from data import decode_responses, encode_prompts
+from data import decode_responses, encode_prompts, encode_responses
 from errors import OneLineParser, UsageError
 
 
@@ -51,6 +54,19 @@ def sequence_logprob(model, batch):
 
 
 @torch.no_grad()
+def follow_rates(model, tok, task, prompts, max_answers=8):
+    """Per answer position (the end token last), the mean probability of each valid answer's
+    next token given its own correct prefix: how well the model can keep to any one answer."""
+    from model import response_logprobs
+    pairs = [(p, a) for p in prompts for a in task.answers(p)[:max_answers]]
+    dev = next(model.parameters()).device
+    prompt, pvalid = encode_prompts(tok, [p for p, _ in pairs], dev)
+    resp, rmask = encode_responses(tok, [a for _, a in pairs], dev)
+    prob = response_logprobs(model, prompt, pvalid, resp, rmask).exp() * rmask
+    return (prob.sum(0) / rmask.sum(0).clamp(min=1)).tolist()
+
+
+@torch.no_grad()
 def evaluate(model, expert, tok, task, prompts, seed=0, k=8, n_coverage=64, n_show=6):
     """Every metric in the module docstring, plus a few sample responses marked right/wrong."""
     model.eval()
@@ -66,14 +82,16 @@ def evaluate(model, expert, tok, task, prompts, seed=0, k=8, n_coverage=64, n_sh
                    for i, p in enumerate(cov_prompts)) / len(cov_prompts)
     samples = [(p, r, bool(task.reward(p, r))) for p, r in zip(prompts[:n_show], texts_s)]
     return dict(reward=mean_reward(task, prompts, texts_s), reward_greedy=mean_reward(task, prompts, texts_g),
-                fwd_kl=fwd_kl, rev_kl=rev_kl, coverage=coverage, samples=samples)
+                fwd_kl=fwd_kl, rev_kl=rev_kl, coverage=coverage, follow=follow_rates(model, tok, task, cov_prompts),
+                samples=samples)
 
 
 def describe(name, result, n_prompts):
     """The result as a person reads it: one line of metrics and a few marked samples."""
     lines = [f"result: {name}: reward {result['reward']:.3f} (temperature 1), {result['reward_greedy']:.3f} (greedy) "
              f"on {n_prompts} held-out prompts | fwd_kl {result['fwd_kl']:.3f} | rev_kl {result['rev_kl']:.3f} | "
-             f"coverage {result['coverage']:.2f} valid answers/prompt"]
+             f"coverage {result['coverage']:.2f} valid answers/prompt",
+             "  follow (per answer position, end token last): " + " ".join(f"{x:.2f}" for x in result["follow"])]
     lines += [f"  {'right' if ok else 'wrong'}  {p}{r}" for p, r, ok in result["samples"]]
     return "\n".join(lines)
 
