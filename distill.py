@@ -20,9 +20,9 @@ same 50/50 mixture that SFT learns, so gamma=0 gains little over SFT there.
 log pi_e) is taken at T too: the objective is KL(pi_s^T || pi_e^T), and its REINFORCE term
 stays on-policy.
 
-Simplifications: the baseline is the batch mean of the return at each position (it includes
-the row itself, a small bias); advantages are divided by their std (--normalize-adv), which
-rescales the REINFORCE term relative to the first; the gradient norm is clipped.
+Simplifications: the baseline is the leave-one-out batch mean of the return at each position;
+advantages are divided by their std (--normalize-adv) floored at 1 nat, which rescales the
+REINFORCE term relative to the first (down, never up); the gradient norm is clipped.
 Options: --estimator sampled uses the sampled-token cost c_t = log pi_s(y_t) - log pi_e(y_t)
 in place of D (Thinking Machines style at gamma=0: no full-vocabulary term, return
 sum_{t>=s} gamma^(t-s) c_t; a reverse-KL estimator on the student's own rows, so it takes no
@@ -73,14 +73,19 @@ def returns_to_go(cost, mask, gamma, include_current):
     return out * mask
 
 
-def advantages(returns, mask, baseline=True, normalize=True):
-    """Per-position batch-mean baseline; optionally divided by the std over all tokens."""
+def advantages(returns, mask, baseline=True, normalize=True, std_floor=1.0):
+    """Returns minus a leave-one-out baseline: at each position, the mean return of the *other*
+    rows there (it does not depend on the row's own tokens, so the gradient stays unbiased; a
+    row alone at its position gets no baseline). normalize: divide by the std over all tokens,
+    but never by less than std_floor (nats), so normalising can shrink the score-function term
+    and never blows noise up to unit scale once the returns are nearly constant."""
     adv = returns * mask
     if baseline:
-        n = mask.sum(0).clamp(min=1)
-        adv = (returns - (returns * mask).sum(0) / n) * mask
+        n, total = mask.sum(0), (returns * mask).sum(0)
+        others = torch.where(n > 1, (total - returns) / (n - 1).clamp(min=1), 0.0)
+        adv = (returns - others) * mask
     if normalize and mask.sum() > 1:
-        adv = adv / (adv[mask].std() + 1e-6)
+        adv = adv / adv[mask].std().clamp(min=std_floor)
     return adv
 
 
@@ -112,12 +117,12 @@ def loss(run, expert, batch, cfg):
                                     beta=cfg.beta, temperature=T, fused=cfg.fused)
     logq = token_logprobs(h, W, targets, temperature=T, fused=cfg.fused).view(rmask.shape)
     if cfg.estimator == "full":
-        return sequence_kl_surrogate(D, logq, rmask, cfg.gamma, on_policy, normalize=cfg.normalize_adv), D
+        return sequence_kl_surrogate(D, logq, rmask, cfg.gamma, on_policy, cfg.baseline, cfg.normalize_adv), D
     with torch.no_grad():  # sampled-token cost: the one-sample estimate of D_t, no full-vocabulary term
         logp = token_logprobs(h_e, expert.unembedding, targets, temperature=T).view(rmask.shape)
     cost = (logq.detach() - logp) * rmask
     returns = returns_to_go(cost, rmask, cfg.gamma, include_current=True)
-    return advantages(returns, on_policy, normalize=cfg.normalize_adv) * logq, D
+    return advantages(returns, on_policy, cfg.baseline, cfg.normalize_adv) * logq, D
 
 
 def train(run, expert, prompts, tok, task, cfg):

@@ -96,7 +96,7 @@ def test_online_loss_is_on_policy_at_any_temperature(estimator):
     batch = dict(prompt=prompt, prompt_valid=pvalid, response=resp, response_mask=mask,
                  on_policy=torch.ones(len(resp), dtype=torch.bool))
     cfg = SimpleNamespace(temperature=T, gamma=1.0, estimator=estimator, divergence="reverse", beta=0.5, fused=True,
-                          normalize_adv=False)  # the per-position baseline is a constant here: no bias
+                          baseline=False, normalize_adv=False)  # a weighted enumeration, not a batch: no baseline
     per_token, D = distill.loss(SimpleNamespace(model=student, autocast=contextlib.nullcontext), expert, batch, cfg)
     weights = log_q.exp().detach().float()
     assert torch.allclose((weights * D.sum(1)).sum().double(), exact_kl.detach(), rtol=1e-4)
@@ -112,7 +112,23 @@ def test_returns_to_go_by_hand():
     assert returns_to_go(cost, mask, 0.5, include_current=False).tolist() == [[2.0, 2.0, 0.0, 0.0]]
     assert returns_to_go(cost, mask, 0.0, include_current=True).tolist() == [[1.0, 2.0, 4.0, 0.0]]
     adv = advantages(torch.tensor([[1.0, 3.0], [3.0, 5.0]]), torch.ones(2, 2, dtype=torch.bool), normalize=False)
-    assert adv.tolist() == [[-1.0, -1.0], [1.0, 1.0]]
+    assert adv.tolist() == [[-2.0, -2.0], [2.0, 2.0]]  # leave-one-out: each row against the other one
+
+
+def test_baseline_leaves_the_row_out_and_normalising_never_amplifies():
+    returns = torch.tensor([[1.0, 4.0], [2.0, 0.0], [6.0, 0.0]])
+    mask = torch.tensor([[True, True], [True, True], [True, False]])
+    adv = advantages(returns, mask, normalize=False)
+    # position 0: mean of the two others; position 1: only two rows are real, so the other one
+    assert adv[:, 0].tolist() == [1 - 4, 2 - 3.5, 6 - 1.5] and adv[:, 1].tolist() == [4.0, -4.0, 0.0]
+    alone = advantages(torch.tensor([[5.0]]), torch.ones(1, 1, dtype=torch.bool), normalize=False)
+    assert alone.tolist() == [[5.0]]  # a row alone at its position keeps its return
+    # returns nearly constant: the std is tiny, and dividing by it would make noise unit-sized
+    tiny = 1.0 + 1e-4 * torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    adv = advantages(tiny, torch.ones(64, 3, dtype=torch.bool))
+    assert adv.abs().max() < 1e-3
+    big = advantages(10 * torch.randn(64, 3, generator=torch.Generator().manual_seed(1)), torch.ones(64, 3, dtype=torch.bool))
+    assert abs(big.std().item() - 1) < 0.05  # large returns are still normalised to unit scale
 
 
 def test_gamma_zero_is_per_token_objective():
