@@ -18,10 +18,18 @@ mirror (default): the prompt is n random digits and '='; a correct answer names 
     lookup), so the misspecification is *reward-relative*: some high-reward behaviour is in
     reach. With two or more heads a 1-layer model could read both; the student's single head
     is what makes it misspecified (README, "How misspecified is the student?").
-    --no-mirror-sign drops the sign: the direction is then implicit in the first digit, and
+    --no-sign drops the sign: the direction is then implicit in the first digit, and
     keeping to it at the second digit needs an equality test (is the first digit d_0 or
     d_{n-1}?) that a 2-layer model learns late or never on some seeds (README, "Training that
     converges").
+pointer (the horizon task): the prompt is n >= 10 random digits and '='; the answer reads H
+    digits, either copying them (``+``: d_0 d_1 ...) or following each one as a pointer into
+    the prompt (``-``: d[d_0] d[d_1] ...): ``3141592653= -> +3141`` or ``-1432``. Copying is a
+    positional lookup the 1-layer student can make; following a pointer needs two lookups in a
+    row (read d_i, then read the place it names), which one attention layer cannot compose, so
+    the student can never write a "-" answer and is misspecified at every H, H=1 included.
+    --no-sign with H=1: the answer is one digit, d_0 or d[d_0], with nothing before it: the
+    single-token case of the paper's H=1 bottleneck.
 countdown (the paper's task): given n numbers and a target, write an expression with
     + - * / and parentheses that uses every given number exactly once and equals the target.
     Ground truth is every such expression (minimal parentheses), found by exhaustive search.
@@ -160,6 +168,42 @@ class MirrorTask:
         if self.sign:  # two answers always, even where the two readings coincide
             return ["+" + d[:H], "-" + d[::-1][:H]]
         return sorted({d[:H], d[::-1][:H]})
+
+    def reward(self, prompt, response):
+        return float(response in self.answers(prompt))
+
+
+@dataclass
+class PointerTask:
+    """Copy H digits, or follow each as a pointer into the prompt (module docstring)."""
+    digits: int = 10
+    answer_len: int = 1  # H
+    sign: bool = True  # the answer starts with + (copy) or - (pointer)
+    name: str = "pointer"
+
+    def __post_init__(self):
+        if self.digits < 10:
+            raise UsageError("pointer needs at least 10 digits (every digit must name a place)")
+        if not 1 <= self.answer_len <= self.digits:
+            raise UsageError(f"pointer answer length must be in 1..{self.digits}")
+
+    @property
+    def max_prompt_len(self):
+        return self.digits + 1
+
+    @property
+    def max_response_len(self):
+        return self.answer_len + self.sign
+
+    def sample_prompt(self, g):
+        return "".join(str(_randint(0, 9, g)) for _ in range(self.digits)) + "="
+
+    def answers(self, prompt):
+        d, H = prompt[:-1], self.answer_len
+        copy, follow = d[:H], "".join(d[int(c)] for c in d[:H])
+        if self.sign:
+            return ["+" + copy, "-" + follow]
+        return sorted({copy, follow})
 
     def reward(self, prompt, response):
         return float(response in self.answers(prompt))
@@ -310,7 +354,7 @@ class CountdownTask:
         return float(sorted(parser.used) == sorted(nums) and value == target)
 
 
-TASKS = {"mirror": MirrorTask, "countdown": CountdownTask}
+TASKS = {"mirror": MirrorTask, "pointer": PointerTask, "countdown": CountdownTask}
 
 
 def make_task(name, **kwargs):

@@ -41,10 +41,10 @@ def opt(default, help):
 @dataclass
 class Config:
     mode: str = opt("onpolicy", "expert | base (the warm-started student) | sft | onpolicy")
-    task: str = opt("mirror", "mirror (default) | countdown")
-    digits: int = opt(5, "mirror: prompt digits")
-    answer_len: int = opt(0, "mirror: answer digits H (0: all of them)")
-    mirror_sign: bool = opt(True, "mirror: the answer starts with + (forward) or - (backward); off: implicit")
+    task: str = opt("mirror", "mirror (default) | pointer (the horizon task) | countdown (data.py)")
+    digits: int = opt(0, "mirror, pointer: prompt digits (0: the task's own, 5 and 10)")
+    answer_len: int = opt(0, "mirror, pointer: answer digits H (0: mirror all of them, pointer 1)")
+    sign: bool = opt(True, "mirror, pointer: the answer starts with + or - naming its mode (off: implicit)")
     n_numbers: int = opt(3, "countdown: how many numbers")
     max_number: int = opt(20, "countdown: numbers are drawn from 1..max_number")
     max_target: int = opt(100, "countdown: targets are in 1..max_target")
@@ -84,7 +84,7 @@ class Config:
 
 
 MODES = ("expert", "base", "sft", "onpolicy")
-CHOICES = dict(mode=MODES, task=("mirror", "countdown"), device=("auto", "cpu", "cuda"), sft_loss=("ce", "forward_kl"), estimator=("full", "sampled"),
+CHOICES = dict(mode=MODES, task=("mirror", "pointer", "countdown"), device=("auto", "cpu", "cuda"), sft_loss=("ce", "forward_kl"), estimator=("full", "sampled"),
                divergence=("reverse", "forward", "jsd"))
 
 

@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from data import (ALPHABET, CountdownTask, MirrorTask, PromptStream, Tokenizer, countdown_solutions,
+from data import (ALPHABET, CountdownTask, MirrorTask, PointerTask, PromptStream, Tokenizer, countdown_solutions,
                   encode_prompts, encode_responses, eval_prompts, make_task, sample_answer)
 
 
@@ -44,6 +44,25 @@ def test_mirror_verifier_hand_made():
     assert t.reward("31415=", "31415") == 1 and t.reward("31415=", "51413") == 1 and t.reward("31415=", "+31415") == 0
     assert MirrorTask(digits=4, answer_len=1, sign=False).answers("1234=") == ["1", "4"]
     assert MirrorTask(digits=3, answer_len=2, sign=False).answers("121=") == ["12"]
+
+
+def test_pointer_verifier_hand_made():
+    """Worked by hand on 3141592653: copying gives 3 1 4 1; following each digit as a place in
+    the prompt (counted from 0) gives d[3]=1, d[1]=1, d[4]=5, d[1]=1."""
+    t = PointerTask(digits=10, answer_len=4)
+    assert t.answers("3141592653=") == ["+3141", "-1151"]
+    assert t.reward("3141592653=", "+3141") == 1 and t.reward("3141592653=", "-1151") == 1
+    for wrong in ("3141", "1151", "-3141", "+1151", "+314", "-11511", "", "+", "<|pad|>"):
+        assert t.reward("3141592653=", wrong) == 0
+    one = PointerTask(digits=10, answer_len=1, sign=False)  # H=1, a single token
+    assert one.answers("3141592653=") == ["1", "3"] and one.max_response_len == 1
+    assert one.answers("0123456789=") == ["0"]  # d_0 = 0 points at itself: one answer
+    # H up to the prompt length: a digit can point anywhere in the first ten places
+    long = PointerTask(digits=16, answer_len=16)
+    d = "9876543210012345"
+    assert long.answers(d + "=")[1] == "-" + "".join(d[int(c)] for c in d) == "-0123456789987654"
+    with pytest.raises(ValueError, match="at least 10 digits"):
+        PointerTask(digits=9)
 
 
 def test_countdown_verifier_hand_made():

@@ -1,4 +1,5 @@
 """The experiments in eval.py: the exact H=1 toy, and that every grid job is what it claims."""
+import json
 import math
 import os
 import subprocess
@@ -6,7 +7,8 @@ import sys
 
 import pytest
 
-import eval as experiments
+import eval as eval_module
+import experiments
 from data import MirrorTask
 from train import parse_args, run_name
 
@@ -75,3 +77,49 @@ def test_eval_bad_flags_are_one_line(args, message, tmp_path):
                          capture_output=True, text=True, timeout=60)
     lines = out.stderr.strip().splitlines()
     assert out.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], out.stderr
+
+
+def test_sparkline_maps_rewards_to_block_heights():
+    assert experiments.sparkline([0, 0.5, 1]) == " ▄█"
+    assert experiments.sparkline([-1, 2]) == " █"  # out of range: clipped, never an index error
+    assert experiments.sparkline([0.25], lo=0, hi=0.5) == "▄"
+
+
+def test_reward_curve_reads_eval_rewards_and_averages_seeds(tmp_path):
+    for s, rewards in enumerate(([0.0, 0.5, 1.0], [0.0, 0.5, 0.0])):
+        d = tmp_path / f"seed{s}" / "mirror"
+        d.mkdir(parents=True)
+        with open(d / "sft-small.metrics.jsonl", "w") as f:
+            for i, r in enumerate(rewards):
+                f.write(json.dumps(dict(step=i, loss=1.0)) + "\n" + json.dumps(dict(step=i, eval_reward=r)) + "\n")
+    dirs = [str(tmp_path / "seed0"), str(tmp_path / "seed1")]
+    assert experiments.curve(dirs, "mirror", "sft-small") == " ▄▄"  # means 0, 0.5, 0.5
+    assert experiments.curve(dirs, "mirror", "no-such-run") == ""
+
+
+def test_claim_counts_name_every_failing_seed():
+    res = {("expert", "medium"): [dict(reward=1.0), dict(reward=0.6)],
+           ("offline SFT", "medium"): [dict(reward=0.97), dict(reward=0.6)],
+           ("offline SFT", "small"): [dict(reward=0.2), dict(reward=0.5)],
+           ("online (γ=1)", "small"): [dict(reward=1.0), dict(reward=0.7)]}
+    lines = experiments.claim_counts(res, "medium", ["small"])
+    assert "holds on 1/2 seeds; fails on seed 1 (expert 0.600)" in lines[0]
+    assert "holds on 2/2 seeds" in lines[1]  # 0.6 is within 0.05 of 0.6
+    assert "holds on 1/2 seeds; fails on seed 1 (online 0.700, SFT 0.500)" in lines[2]
+
+
+def test_report_md_holds_the_tables_command_and_machine(tmp_path):
+    report = experiments.Report("a title")
+    report.add("a table", ["row 1", "row 2"])
+    report.write(str(tmp_path))
+    text = (tmp_path / "report.md").read_text()
+    assert text.startswith("# a title") and "## a table" in text and "row 1\nrow 2" in text
+    assert "- command: `python " in text and "- machine: " in text and "- commit: " in text and "- wall time: " in text
+
+
+def test_first_errors_by_hand():
+    t = MirrorTask(digits=5)
+    texts = ["+31415", "+31414", "+3141", "+314155", "-5", "x"]
+    # right; wrong at the last digit (5); stopped early (the end where digit 5 goes); too long (6);
+    # '-5' then nothing (position 2); garbage (0)
+    assert eval_module.first_errors(t, ["31415="] * 6, texts) == [1, 0, 1, 0, 0, 2, 1]

@@ -1,0 +1,378 @@
+"""The experiments, end to end from an empty folder: each trains what it needs with train.py
+(one torch thread per job, --jobs at a time), prints its tables, and writes report.md.
+
+    python eval.py --grid --seeds 3        # realizable vs misspecified: expert, SFT, online IL
+    python eval.py --ablation --seeds 3    # which ingredient of online IL carries the win
+    python eval.py --horizon --quick       # reward vs horizon H on the pointer task
+    python eval.py --toy                   # the exact H=1 projections
+
+A finished job leaves <run>.result.json; a rerun skips it, so an interrupted experiment
+continues where it stopped (and a grid's runs can be shared with the ablation).
+"""
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from errors import UsageError
+
+# A method is (column label, train.py flags, the run name train.py gives it for a student size).
+EXPERT = ("expert", ["--mode", "expert"], lambda s: "expert")
+BASE = ("base", ["--mode", "base"], lambda s: f"base-{s}")
+SFT = ("offline SFT", ["--mode", "sft"], lambda s: f"sft-{s}")
+
+
+def online(label, *flags, suffix=""):
+    gamma = flags[flags.index("--gamma") + 1] if "--gamma" in flags else "1"
+    return (label, ["--mode", "onpolicy", "--gamma", gamma, *[f for f in flags if f not in ("--gamma", gamma)]],
+            lambda s: f"onpolicy-{s}-g{float(gamma):g}{suffix}")
+
+
+GRID = [EXPERT, BASE, SFT, online("online (γ=1)"), online("online (γ=0)", "--gamma", "0")]
+ABLATION = [EXPERT, BASE, SFT, online("online γ=1"), online("online γ=0.5", "--gamma", "0.5"),
+            online("online γ=0", "--gamma", "0"),
+            online("sampled-token γ=0", "--gamma", "0", "--estimator", "sampled", suffix="-sampled"),
+            online("sampled-token γ=1", "--estimator", "sampled", suffix="-sampled"),
+            online("forward KL γ=1", "--divergence", "forward", suffix="-forward"),
+            online("JSD(0.5) γ=1", "--divergence", "jsd", "--beta", "0.5", suffix="-jsd-beta0.5"),
+            online("λ=0.5 mix γ=1", "--mix", "0.5", suffix="-mix0.5")]
+
+
+# ----------------------------------------------------------------------------- running jobs
+def run_jobs(jobs, parallel):
+    """Run train.py jobs, `parallel` at a time. jobs: (key, argv, log_path, keys it waits for,
+    result file), listed dependencies first, so a worker only waits on a job already running.
+    A job whose result file exists is skipped. One progress line per job, with a rough ETA."""
+    futures, t0, done = {}, time.time(), []
+
+    def one(key, argv, log, deps, done_file):
+        for d in deps:
+            futures[d].result()
+        if os.path.exists(done_file):  # finished earlier (a rerun, or a shared run): keep it
+            print(f"[{time.time() - t0:5.0f}s] already done: {' '.join(map(str, key))}", flush=True)
+            return
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        with open(log, "w") as f:
+            rc = subprocess.call([sys.executable, "train.py", "--threads", "1", *argv], stdout=f, stderr=subprocess.STDOUT)
+        if rc != 0:
+            raise UsageError(f"{' '.join(map(str, key))} failed (exit {rc}); its log, with the reason, is {log}")
+        done.append(key)
+        elapsed = time.time() - t0
+        left = len(jobs) - len(done)
+        print(f"[{elapsed:5.0f}s] done {len(done)}/{len(jobs)}: {' '.join(map(str, key))} | eta "
+              f"{elapsed / len(done) * left:.0f}s", flush=True)
+
+    with ThreadPoolExecutor(parallel) as pool:
+        for job in jobs:
+            futures[job[0]] = pool.submit(one, *job)
+        for f in futures.values():
+            f.result()
+    return time.time() - t0
+
+
+def grid_jobs(runs, task, expert_size, student_sizes, methods):
+    """runs: (run dir, train.py flags) per seed/setting. Experts first, then student bases,
+    then the methods, so that every job's dependencies were submitted before it."""
+    jobs = []
+    for label, flags, name in methods:
+        for d, args in runs:
+            for size in student_sizes if label != "expert" else [expert_size]:
+                deps = [] if label == "expert" else [(d, "expert", expert_size)]
+                deps += [(d, "base", size)] if label not in ("expert", "base") else []
+                log = os.path.join(d, "logs", f"{label}-{size}.log".replace(" ", "_"))
+                jobs.append(((d, label, size), [*flags, *args, "--out-dir", d, "--expert-size", expert_size,
+                                                "--student-size", size], log, deps,
+                             os.path.join(d, task, f"{name(size)}.result.json")))
+    return jobs
+
+
+def read_results(run_dirs, task, student_sizes, methods):
+    """{(label, size): [result per run dir]} from the <name>.result.json files train.py writes."""
+    res = {}
+    for d in run_dirs:
+        for label, _, name in methods:
+            for size in student_sizes:
+                with open(os.path.join(d, task, f"{name(size)}.result.json")) as f:
+                    res.setdefault((label, size), []).append(json.load(f))
+    return res
+
+
+# ----------------------------------------------------------------------------- tables and reports
+def mean_std(xs):
+    t = torch.tensor(xs, dtype=torch.float64)
+    return f"{t.mean():.3f} ± {t.std() if len(xs) > 1 else 0:.3f}"
+
+
+def table(corner, rows, columns, cell):
+    """A fixed-width text table as a list of lines; rows, columns: labels; cell(row, column) -> text."""
+    width = max(len(corner), *(len(r) for r in rows)) + 1
+    widths = [max(15, len(c)) for c in columns]
+    lines = [f"{corner:<{width}}| " + " | ".join(f"{c:^{w}}" for c, w in zip(columns, widths))]
+    lines += [f"{r:<{width}}| " + " | ".join(f"{cell(r, c):^{w}}" for c, w in zip(columns, widths)) for r in rows]
+    return lines
+
+
+class Report:
+    """What an experiment prints, kept to be written as report.md at the end (for a slide or
+    a course page): each section's title and its text block, the command, wall time, machine
+    and commit."""
+
+    def __init__(self, title):
+        self.title, self.sections, self.t0 = title, [], time.time()
+
+    def add(self, heading, lines):
+        print(f"\n{heading}\n" + "\n".join(lines), flush=True)
+        self.sections.append((heading, lines))
+
+    def write(self, folder):
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+        except OSError:
+            commit = "unknown"
+        head = [f"# {self.title}", "", f"- command: `python {' '.join(sys.argv)}`",
+                f"- wall time: {(time.time() - self.t0) / 60:.1f} min", f"- machine: {machine()}",
+                f"- commit: {commit}", ""]
+        body = [x for h, lines in self.sections for x in (f"## {h}", "", "```", *lines, "```", "")]
+        path = os.path.join(folder, "report.md")
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "w") as f:
+            f.write("\n".join(head + body))
+        print(f"\nwrote {path}")
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def claim_counts(res, expert_size, small):
+    """The claims, each as a count over seeds, and the seeds where one fails (to be explained)."""
+    n = len(res[("expert", expert_size)])
+    expert = [r["reward"] for r in res[("expert", expert_size)]]
+    checks = [("expert reaches >= 0.95", [e >= 0.95 for e in expert],
+               lambda i: f"expert {expert[i]:.3f}")]
+    sft_r = [r["reward"] for r in res[("offline SFT", expert_size)]]
+    checks.append((f"realizable ({expert_size}): offline SFT within 0.05 of its expert",
+                   [s >= e - 0.05 for s, e in zip(sft_r, expert)], lambda i: f"SFT {sft_r[i]:.3f}, expert {expert[i]:.3f}"))
+    for s in small:
+        sft_m = [r["reward"] for r in res[("offline SFT", s)]]
+        onl = [r["reward"] for r in res[("online (γ=1)", s)]]
+        checks.append((f"misspecified ({s}): online (γ=1) >= offline SFT + 0.3",
+                       [o >= f + 0.3 for o, f in zip(onl, sft_m)],
+                       lambda i, o=onl, f=sft_m: f"online {o[i]:.3f}, SFT {f[i]:.3f}"))
+    width = max(len(c[0]) for c in checks) + 2
+    lines = []
+    for claim, ok, why in checks:
+        fails = [i for i in range(n) if not ok[i]]
+        lines.append(f"{claim:<{width}} holds on {sum(ok)}/{n} seeds" +
+                     "".join(f"; fails on seed {i} ({why(i)})" for i in fails))
+    return lines
+
+
+def curve(run_dirs, task, name, width=24):
+    """Held-out reward vs step as one line of block characters (mean over seeds), e.g. ▁▃▆██."""
+    series = []
+    for d in run_dirs:
+        path = os.path.join(d, task, f"{name}.metrics.jsonl")
+        if not os.path.exists(path):
+            return ""
+        with open(path) as f:
+            series.append([json.loads(l)["eval_reward"] for l in f if "eval_reward" in l])
+    if not series or not series[0]:
+        return ""
+    n = min(len(s) for s in series)
+    mean = [sum(s[i] for s in series) / len(series) for i in range(n)]
+    m = min(width, n)  # at most `width` points, evenly spaced, the first and the last included
+    picks = [mean[round(i * (n - 1) / max(1, m - 1))] for i in range(m)]
+    return sparkline(picks)
+
+
+def sparkline(values, lo=0.0, hi=1.0):
+    bars = " ▁▂▃▄▅▆▇█"
+    return "".join(bars[max(0, min(8, round((v - lo) / (hi - lo) * 8)))] for v in values)
+
+
+def plot_curves(run_dirs, task, student_sizes, methods, path):
+    """Held-out reward vs step per method (optional: needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no reward_vs_step.png; the text curves above show the same)")
+        return None
+    fig, axes = plt.subplots(1, len(student_sizes), figsize=(6 * len(student_sizes), 4), squeeze=False)
+    for ax, size in zip(axes[0], student_sizes):
+        for j, (label, _, name) in enumerate(methods):
+            if label in ("expert", "base"):
+                continue
+            for i, d in enumerate(run_dirs):
+                with open(os.path.join(d, task, f"{name(size)}.metrics.jsonl")) as f:
+                    pts = [json.loads(l) for l in f if "eval_reward" in l]
+                ax.plot([p["step"] for p in pts], [p["eval_reward"] for p in pts], color=f"C{j}", alpha=0.8,
+                        label=label if i == 0 else None)
+        ax.set(title=f"student: {size}", xlabel="step", ylabel="held-out reward (temperature 1)", ylim=(-0.02, 1.02))
+        ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    print(f"wrote {path}")
+    return path
+
+
+# ----------------------------------------------------------------------------- the experiments
+def seed_runs(a, train_args):
+    dirs = [os.path.join(a.out_dir, f"seed{s}") for s in range(a.seeds)]
+    return dirs, [(d, ["--seed", str(s), *train_args]) for s, d in enumerate(dirs)]
+
+
+def grid(a, train_args):
+    """The paper's table: expert vs offline vs online IL, realizable and misspecified students."""
+    expert_size, *small = a.sizes.split(",")
+    sizes = [expert_size, *small]
+    dirs, runs = seed_runs(a, train_args)
+    wall = run_jobs(grid_jobs(runs, a.task, expert_size, sizes, GRID), a.jobs)
+    res = read_results(dirs, a.task, sizes, GRID)
+    rows = {f"{expert_size}: same as expert (realizable)": expert_size,
+            **{f"{s}: smaller (misspecified)": s for s in small}}
+    report = Report(f"{a.task}: realizable vs misspecified, {a.seeds} seeds")
+    for key, what in (("reward", "held-out reward at temperature 1"), ("rev_kl", "sequence-level KL(student || expert)"),
+                      ("fwd_kl", "sequence-level KL(expert || student)"), ("coverage", "valid answers per prompt in 8 samples")):
+        report.add(f"{a.task}: {what}, mean ± std over {a.seeds} seeds ({wall / 60:.1f} min wall, {a.jobs} jobs)",
+                   table("student size", list(rows), [m[0] for m in GRID],
+                         lambda r, c: mean_std([x[key] for x in res[(c, rows[r])]])))
+    report.add(f"claims, each a count over the {a.seeds} seeds", claim_counts(res, expert_size, small))
+    report.add("held-out reward vs step (text plot, mean over seeds, 0 to 1)",
+               [f"{size:<7} {label:<13} {curve(dirs, a.task, name(size))}"
+                for size in sizes for label, _, name in GRID if label not in ("expert", "base")])
+    with open(os.path.join(a.out_dir, "results.json"), "w") as f:
+        json.dump({f"{l}|{s}": v for (l, s), v in res.items()}, f)
+    png = plot_curves(dirs, a.task, sizes, GRID, os.path.join(a.out_dir, "reward_vs_step.png"))
+    if png:
+        report.add("figures", [f"![reward vs step]({os.path.basename(png)})"])
+    report.write(a.out_dir)
+
+
+def ablation(a, train_args):
+    """Which ingredient carries online IL's win on the misspecified student."""
+    expert_size, small = a.sizes.split(",")[:2]
+    dirs, runs = seed_runs(a, train_args)
+    wall = run_jobs(grid_jobs(runs, a.task, expert_size, [small], ABLATION), a.jobs)
+    res = read_results(dirs, a.task, [small], ABLATION)
+    report = Report(f"{a.task}: ablation of online IL, {a.seeds} seeds")
+    report.add(f"{a.task}, student {small} (misspecified), mean ± std over {a.seeds} seeds ({wall / 60:.1f} min wall)",
+               table("method", [m[0] for m in ABLATION], ["reward", "rev_kl", "fwd_kl", "coverage"],
+                     lambda r, c: mean_std([x[c] for x in res[(r, small)]])))
+    report.write(a.out_dir)
+
+
+def horizon(a, train_args):
+    """Reward vs horizon H on the pointer task (data.py): the prompt is fixed at max(H) digits
+    (at least 10), the answer a sign and H digits; then, for the realizable student's offline
+    SFT at the longest H, where its errors start, against the expert's (error accumulation)."""
+    expert_size, *small = a.sizes.split(",")
+    sizes, hs = [expert_size, *small], [int(h) for h in a.horizons.split(",")]
+    digits = max(10, *hs)
+    runs = {(h, s): (os.path.join(a.out_dir, f"H{h}", f"seed{s}"),
+                     ["--seed", str(s), "--task", "pointer", "--digits", str(digits), "--answer-len", str(h), *train_args])
+            for h in hs for s in range(a.seeds)}
+    wall = run_jobs(grid_jobs(list(runs.values()), "pointer", expert_size, sizes, GRID), a.jobs)
+    report = Report(f"pointer: reward vs horizon H, {a.seeds} seed(s)")
+    res = {h: read_results([runs[(h, s)][0] for s in range(a.seeds)], "pointer", sizes, GRID) for h in hs}
+    for size in sizes:
+        kind = "realizable" if size == expert_size else "misspecified"
+        report.add(f"pointer ({digits} digits), student {size} ({kind}): held-out reward, mean ± std over {a.seeds} "
+                   f"seed(s) ({wall / 60:.1f} min wall for the sweep)",
+                   table("H", [str(h) for h in hs], [m[0] for m in GRID],
+                         lambda r, c: mean_std([x["reward"] for x in res[int(r)][(c, size)]])))
+    H = max(hs)
+    lines = []
+    for label, size in (("expert", expert_size), ("offline SFT", expert_size)):
+        counts = [sum(x) for x in zip(*(r["first_error"] for r in res[H][(label, size)]))]
+        n = sum(r["n_prompts"] for r in res[H][(label, size)])
+        alive, hazard = n, []
+        for c in counts:  # the rate of first errors among responses still right up to here
+            hazard.append(c / alive if alive else 0.0)
+            alive -= c
+        lines.append(f"{label + ' (' + size + ')':<22} wrong {sum(counts)}/{n}; first wrong token at position "
+                     "0..H+1 (sign, digits, end): " + " ".join(map(str, counts)))
+        lines.append(f"{'':<22} rate per position among responses right so far: " +
+                     " ".join(f"{x:.3f}" for x in hazard))
+    report.add(f"where the errors start at H={H} (sampled at temperature 1, held-out prompts of {a.seeds} seed(s))",
+               lines)
+    report.write(a.out_dir)
+
+
+def toy(K=10, eps=0.01):
+    """The information-theoretic bottleneck at H=1, exactly. The expert is a known
+    distribution over K answers: the two correct ones sit at the ends of a 1-D embedding
+    order (probability (1-eps)/2 each), the wrong ones in between share eps. The student
+    class is q_s(k) ∝ exp(s * e_k) with fixed e_k = linspace(-1, 1, K): it can put its mass
+    on one end, or spread it, but never on both ends at once. Offline IL with infinite data
+    converges to the forward-KL projection, online IL to the reverse-KL projection; both are
+    found here by minimising over s on a fine grid, then refined by Newton's method."""
+    e = torch.linspace(-1, 1, K, dtype=torch.float64)
+    p = torch.full((K,), eps / (K - 2), dtype=torch.float64)
+    p[0] = p[-1] = (1 - eps) / 2
+    correct = torch.zeros(K, dtype=torch.bool)
+    correct[[0, -1]] = True
+
+    def q(s):
+        return torch.softmax(s * e, 0)
+
+    def fwd(s):
+        return (p * (p.log() - q(s).log())).sum()
+
+    def rev(s):
+        return (q(s) * (q(s).log() - p.log())).sum()
+
+    out = {}
+    for name, f in (("forward KL (offline IL)", fwd), ("reverse KL (online IL)", rev)):
+        grid_s = torch.linspace(-60, 60, 24001, dtype=torch.float64)
+        s = grid_s[torch.stack([f(x) for x in grid_s]).argmin()].clone()
+        for _ in range(20):  # Newton steps on the 1-D objective
+            s.requires_grad_(True)
+            g, = torch.autograd.grad(f(s), s, create_graph=True)
+            h, = torch.autograd.grad(g, s)
+            s = (s - g / h if h > 0 else s).detach()
+        qs = q(s)
+        out[name] = dict(s=s.item(), reward=qs[correct].sum().item(), fwd_kl=fwd(s).item(), rev_kl=rev(s).item(),
+                         q=qs.tolist())
+    out["expert"] = dict(q=p.tolist())
+    return out
+
+
+def run_toy(out_dir):
+    res = toy()
+    report = Report("the exact H=1 toy")
+    rows = [r for r in res if r != "expert"]
+    report.add("exact H=1 toy: expert = two correct answers at the ends of a 1-D order, student q_s(k) ∝ exp(s e_k)",
+               table("projection", rows, ["s", "reward", "fwd_kl", "rev_kl"], lambda r, c: f"{res[r][c]:.3f}"))
+    report.add("the three distributions over the K answers (the two correct ones at the ends; bar height: "
+               "probability, 0 to 0.5)", [f"{r:<24} {sparkline(res[r]['q'], 0, 0.5)}" for r in ["expert", *rows]])
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3), sharey=True)
+        for ax, r in zip(axes, ["expert", *rows]):
+            ax.bar(range(len(res[r]["q"])), res[r]["q"], color=["C2" if k in (0, len(res[r]["q"]) - 1) else "C7"
+                                                             for k in range(len(res[r]["q"]))])
+            ax.set(title=r, xlabel="answer k (correct: green)")
+        axes[0].set_ylabel("probability")
+        os.makedirs(out_dir, exist_ok=True)
+        fig.savefig(os.path.join(out_dir, "toy.png"), dpi=100, bbox_inches="tight")
+        report.add("figures", ["![the three distributions](toy.png)"])
+    except ImportError:
+        print("(matplotlib is not installed: no toy.png; the text bars above show the same)")
+    report.write(out_dir)
