@@ -40,11 +40,11 @@ def tiny_runs(tmp_path_factory):
 
 
 def test_expert_learns_the_default_task(tmp_path):
-    """The default task (5-digit mirror) and expert size, 1000 steps: ~40 s on 2 cores.
-    Measured 0.984 for seeds 0 and 1; the plateau before the expert learns to keep to the
-    end it started from sits near 0.5."""
-    train("--mode", "expert", "--expert-steps", "1000", "--eval-prompts", "128", "--threads", "2",
-          "--out-dir", str(tmp_path))
+    """The default task (5-digit mirror, signed) and expert size, 800 steps: ~40 s on one thread.
+    The expert leaves the plateau (about 0.3: it writes a sign but not yet the digits that go
+    with it) by step 500 on every seed measured (README, "Training that converges")."""
+    train("--mode", "expert", "--expert-steps", "800", "--eval-prompts", "128", "--threads", "1",
+          "--out-dir", str(tmp_path), timeout=600)
     assert result(str(tmp_path), "expert")["reward"] >= 0.9
 
 
