@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (about 0.84: enough for these tests, so the quality gate is lowered to 0.5 here)
 TINY = ["--digits", "2", "--expert-size", "small", "--student-size", "small", "--expert-steps", "300",
         "--base-steps", "10", "--steps", "60", "--batch-size", "32", "--eval-prompts", "64", "--threads", "1",
-        "--log-every", "20", "--eval-every", "20", "--expert-min-reward", "0.5"]
+        "--log-every", "20", "--eval-every", "20", "--expert-min-reward", "0.5",
+        "--device", "cpu"]  # bitwise checks below need the CPU (tests/test_cuda.py covers CUDA)
 
 
 def train(*args, check=True, timeout=300):
