@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from errors import UsageError
+from eval import reward_curve, sparkline
 
 # A method is (column label, train.py flags, the run name train.py gives it for a student size).
 EXPERT = ("expert", ["--mode", "expert"], lambda s: "expert")
@@ -183,27 +184,10 @@ def claim_counts(res, expert_size, small):
     return lines
 
 
-def curve(run_dirs, task, name, width=24):
+def curve(run_dirs, task, name):
     """Held-out reward vs step as one line of block characters (mean over seeds), e.g. ▁▃▆██."""
-    series = []
-    for d in run_dirs:
-        path = os.path.join(d, task, f"{name}.metrics.jsonl")
-        if not os.path.exists(path):
-            return ""
-        with open(path) as f:
-            series.append([json.loads(l)["eval_reward"] for l in f if "eval_reward" in l])
-    if not series or not series[0]:
-        return ""
-    n = min(len(s) for s in series)
-    mean = [sum(s[i] for s in series) / len(series) for i in range(n)]
-    m = min(width, n)  # at most `width` points, evenly spaced, the first and the last included
-    picks = [mean[round(i * (n - 1) / max(1, m - 1))] for i in range(m)]
-    return sparkline(picks)
-
-
-def sparkline(values, lo=0.0, hi=1.0):
-    bars = " ▁▂▃▄▅▆▇█"
-    return "".join(bars[max(0, min(8, round((v - lo) / (hi - lo) * 8)))] for v in values)
+    c = reward_curve([os.path.join(d, task, f"{name}.metrics.jsonl") for d in run_dirs])
+    return f"[{c[0]}] {c[1]:.2f} -> {c[2]:.2f} by step {c[3]}" if c else ""
 
 
 def plot_curves(run_dirs, task, student_sizes, methods, path):

@@ -93,7 +93,7 @@ def test_reward_curve_reads_eval_rewards_and_averages_seeds(tmp_path):
             for i, r in enumerate(rewards):
                 f.write(json.dumps(dict(step=i, loss=1.0)) + "\n" + json.dumps(dict(step=i, eval_reward=r)) + "\n")
     dirs = [str(tmp_path / "seed0"), str(tmp_path / "seed1")]
-    assert experiments.curve(dirs, "mirror", "sft-small") == " ▄▄"  # means 0, 0.5, 0.5
+    assert experiments.curve(dirs, "mirror", "sft-small") == "[ ▄▄] 0.00 -> 0.50 by step 2"  # means 0, 0.5, 0.5
     assert experiments.curve(dirs, "mirror", "no-such-run") == ""
 
 

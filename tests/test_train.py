@@ -71,6 +71,17 @@ def test_each_method_improves_on_its_starting_point(tiny_runs):
     assert "result: onpolicy-small-g1" in stdout and ("right" in stdout or "wrong" in stdout)
 
 
+def test_the_run_ends_with_its_reward_curve_as_a_text_plot(tiny_runs):
+    """The last lines of a run: its held-out reward checks as block characters, first -> last."""
+    d, stdout = tiny_runs
+    line = next(l for l in stdout.splitlines() if "held-out reward vs step:" in l)
+    with open(os.path.join(d, "mirror", "onpolicy-small-g1.metrics.jsonl")) as f:
+        evals = [json.loads(l) for l in f if "eval_reward" in l]
+    plot, rest = line.split(": [", 1)[1].split("] ", 1)
+    assert set(plot) <= set(" ▁▂▃▄▅▆▇█") and len(plot) == min(24, len(evals))
+    assert rest == f"{evals[0]['eval_reward']:.2f} -> {evals[-1]['eval_reward']:.2f} by step {evals[-1]['step']}"
+
+
 def test_metrics_and_checkpoints_describe_themselves(tiny_runs):
     d, _ = tiny_runs
     ck = torch.load(os.path.join(d, "mirror", "onpolicy-small-g1.pt"), weights_only=False)
