@@ -141,14 +141,22 @@ def new_model(cfg, env, size, role):
     return make_model(size, env["block_size"], env["tok"].vocab_size, seed_for(cfg.seed, f"{role}/init")).to(env["device"])
 
 
-def load_finished(path, env, size):
+def load_finished(path, env, size, made_by=None):
     """The model of a finished run's checkpoint, None if there is none yet; a checkpoint
-    made for another task, tokenizer or size is an error, never a silent load."""
+    made for another task, tokenizer or size is an error, never a silent load. made_by:
+    settings it must also have been trained with (seed, steps), for the checkpoints a run
+    finds in its --out-dir and reuses (the expert, the bases)."""
     if not os.path.exists(path):
         return None
     expect = identity(env, make_model(size, env["block_size"], env["tok"].vocab_size, seed=0).cfg)
     model, ck = load_checkpoint(path, expect=expect, device=env["device"])
-    return model if ck.get("step") == ck.get("total") else None
+    if ck.get("step") != ck.get("total"):
+        return None
+    for k, v in (made_by or {}).items():
+        if ck.get(k) != v:
+            raise UsageError(f"{path} was trained with {k.replace('total', 'steps')} {ck.get(k)}, this run asks for {v}: "
+                             f"give this run another --out-dir (or delete the file to retrain it)")
+    return model
 
 
 def fit(cfg, env, name, model, steps, lr, loop, *args, prompts=None):
@@ -169,7 +177,8 @@ def get_expert(cfg, env):
             raise UsageError(f"--expert-ckpt {cfg.expert_ckpt}: the expert's training did not finish")
     else:
         path = os.path.join(env["dir"], "expert.pt")
-        expert = None if cfg.mode == "expert" else load_finished(path, env, cfg.expert_size)
+        expert = None if cfg.mode == "expert" else load_finished(path, env, cfg.expert_size,
+                                                                   dict(seed=cfg.seed, total=cfg.expert_steps))
     if expert is None:
         expert = new_model(cfg, env, cfg.expert_size, "expert")
         rank0_print(env, f"training the expert ({cfg.expert_size}, {expert.n_params():,} parameters) on ground truth")
@@ -225,7 +234,8 @@ def expert_samples(cfg, env, expert, n, seed):
 def get_student_base(cfg, env, expert):
     """The student both methods start from: a short SFT warm start on expert samples."""
     name = f"base-{cfg.student_size}"
-    base = load_finished(os.path.join(env["dir"], f"{name}.pt"), env, cfg.student_size)
+    base = load_finished(os.path.join(env["dir"], f"{name}.pt"), env, cfg.student_size,
+                         dict(seed=cfg.seed, total=cfg.base_steps))
     if base is None:
         base = new_model(cfg, env, cfg.student_size, "student")
         data = expert_samples(cfg, env, expert, cfg.base_steps * cfg.batch_size, seed_for(cfg.seed, "base/data"))

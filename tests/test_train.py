@@ -82,6 +82,17 @@ def test_the_run_ends_with_its_reward_curve_as_a_text_plot(tiny_runs):
     assert rest == f"{evals[0]['eval_reward']:.2f} -> {evals[-1]['eval_reward']:.2f} by step {evals[-1]['step']}"
 
 
+def test_a_reused_checkpoint_must_come_from_this_seed_and_schedule(tiny_runs):
+    """The expert and the bases in --out-dir are reused by later runs; one made with another
+    --seed or step count is refused in one line, never silently paired with this run."""
+    d, _ = tiny_runs
+    for flag, value in (("--seed", "1"), ("--expert-steps", "301"), ("--base-steps", "11")):
+        args = [*TINY[:TINY.index(flag)], *TINY[TINY.index(flag) + 2:]] if flag in TINY else list(TINY)
+        out = train("--mode", "sft", "--out-dir", d, *args, flag, value, check=False, timeout=120)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode != 0 and len(lines) == 1 and "this run asks for" in lines[0], out.stderr[-2000:]
+
+
 def test_metrics_and_checkpoints_describe_themselves(tiny_runs):
     d, _ = tiny_runs
     ck = torch.load(os.path.join(d, "mirror", "onpolicy-small-g1.pt"), weights_only=False)
