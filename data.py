@@ -16,8 +16,7 @@ mirror (default): the prompt is n random digits and '='; a correct answer names 
     so it cannot make its digits depend on the sign it wrote: it is *misspecified*. It can
     still represent one mode perfectly (always "+", then copy position t: a fixed positional
     lookup), so the misspecification is *reward-relative*: some high-reward behaviour is in
-    reach. With two or more heads a 1-layer model could read both; the student's single head
-    is what makes it misspecified (README, "How misspecified is the student?").
+    reach (README, "How misspecified is the student?", measures it per answer position).
     --no-sign drops the sign: the direction is then implicit in the first digit, and
     keeping to it at the second digit needs an equality test (is the first digit d_0 or
     d_{n-1}?) that a 2-layer model learns late or never on some seeds (README, "Training that

@@ -140,11 +140,11 @@ class Run:
         if cfg.compile:
             self.model = torch.compile(self.model)
 
-    def resume_if_asked(self):
+    def resume_if_asked(self, allowed=True):
         """--resume: continue from this run's checkpoint. Either way metrics.jsonl then holds this
         run alone, each step once: emptied on a fresh start, cut back to the checkpoint's step on
         a resume (a crash after a checkpoint leaves rows that the resumed run writes again)."""
-        if self.cfg.resume and os.path.exists(self.path):
+        if allowed and self.cfg.resume and os.path.exists(self.path):
             self.resume()
         if self.rank == 0:
             rows = []

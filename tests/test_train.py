@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (about 0.84: enough for these tests, so the quality gate is lowered to 0.5 here)
 TINY = ["--digits", "2", "--expert-size", "small", "--student-size", "small", "--expert-steps", "300",
         "--base-steps", "10", "--steps", "60", "--batch-size", "32", "--eval-prompts", "64", "--threads", "1",
-        "--log-every", "20", "--eval-every", "20", "--expert-min-reward", "0.5",
+        "--log-every", "20", "--eval-every", "20", "--expert-min-reward", "0.5", "--restarts", "0",
         "--device", "cpu"]  # bitwise checks below need the CPU (tests/test_cuda.py covers CUDA)
 
 
@@ -47,6 +47,20 @@ def test_expert_learns_the_default_task(tmp_path):
     train("--mode", "expert", "--expert-steps", "800", "--eval-prompts", "128", "--threads", "1",
           "--out-dir", str(tmp_path), timeout=600)
     assert result(str(tmp_path), "expert")["reward"] >= 0.9
+
+
+def test_an_expert_on_a_plateau_is_retrained_from_a_fresh_init(tmp_path):
+    """--restarts: an expert below 0.95 (here: 20 steps) is trained again from another init,
+    and the checkpoint kept is the restart's, with a metrics file of that run alone."""
+    args = [*TINY, "--mode", "expert", "--expert-steps", "20", "--expert-min-reward", "0"]
+    train(*args, "--out-dir", str(tmp_path / "a"))
+    out = train(*args, "--restarts", "1", "--out-dir", str(tmp_path / "b"))
+    assert "a plateau" in out.stdout and "restart 1 of 1" in out.stdout and out.stdout.count("training the expert") == 2
+    a, b = (torch.load(tmp_path / d / "mirror" / "expert.pt", weights_only=True)["model"] for d in "ab")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # another init, so other weights
+    with open(tmp_path / "b" / "mirror" / "expert.metrics.jsonl") as f:
+        steps = [json.loads(l)["step"] for l in f if "loss" in l]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # the restart's rows only
 
 
 def test_an_expert_that_did_not_converge_is_refused(tmp_path):
