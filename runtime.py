@@ -140,11 +140,11 @@ class Run:
         if cfg.compile:
             self.model = torch.compile(self.model)
 
-    def resume_if_asked(self, allowed=True):
+    def resume_if_asked(self):
         """--resume: continue from this run's checkpoint. Either way metrics.jsonl then holds this
         run alone, each step once: emptied on a fresh start, cut back to the checkpoint's step on
         a resume (a crash after a checkpoint leaves rows that the resumed run writes again)."""
-        if allowed and self.cfg.resume and os.path.exists(self.path):
+        if self.cfg.resume and os.path.exists(self.path):
             self.resume()
         if self.rank == 0:
             rows = []
@@ -157,7 +157,9 @@ class Run:
         # read on the CPU: generator states must be CPU ByteTensors (the prompt stream's generator
         # lives on the CPU even on a GPU run); the weights and the optimizer state are copied to
         # the model's device by their load_state_dict
-        _, ck = load_checkpoint(self.path, expect=dict(identity(self.env, self.raw.cfg), name=self.name), device="cpu")
+        # the run it continues must be this one: same identity, seed and length (the schedule)
+        _, ck = load_checkpoint(self.path, expect=dict(identity(self.env, self.raw.cfg), name=self.name,
+                                                       seed=self.cfg.seed, total=self.total), device="cpu")
         if len(ck["rng"]["sample"]) != self.world:  # each rank resumes its own sampling stream
             raise UsageError(f"{self.path} was saved by {len(ck['rng']['sample'])} rank(s): resume it with as many "
                              f"(torchrun --nproc_per_node {len(ck['rng']['sample'])}), not {self.world}")

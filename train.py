@@ -59,8 +59,6 @@ class Config:
     expert_steps: int = opt(1500, "expert: optimizer steps on ground truth")
     expert_lr: float = opt(0.0, "expert: peak learning rate (0: the size's own, model.SIZES)")
     expert_min_reward: float = opt(0.95, "quality gate: stop if the expert's held-out reward is below this (0: off)")
-    restarts: int = opt(1, "retrain from a fresh init, up to this many times, an expert below 0.95 reward or a "
-                           "realizable base 0.05 below its expert (a plateau: README)")
     base_steps: int = opt(600, "student base: warm-start SFT steps on expert samples (see README: why 600)")
     steps: int = opt(600, "offline and online IL: optimizer steps (the same for both)")
     batch_size: int = opt(128, "sequences per step, over all ranks (the same for both)")
@@ -154,36 +152,20 @@ def load_finished(path, env, size, made_by=None):
     model, ck = load_checkpoint(path, expect=expect, device=env["device"])
     if ck.get("step") != ck.get("total"):
         return None
-    for k, v in (made_by or {}).items():
+    for k, (flag, v) in (made_by or {}).items():
         if ck.get(k) != v:
-            raise UsageError(f"{path} was trained with {k.replace('total', 'steps')} {ck.get(k)}, this run asks for {v}: "
-                             f"give this run another --out-dir (or delete the file to retrain it)")
+            raise UsageError(f"{path} was trained with {flag} {ck.get(k)}, this run asks for {v}: give this run "
+                             f"another --out-dir (or delete the file to retrain it)")
     return model
 
 
-def fit(cfg, env, name, model, steps, lr, loop, *args, prompts=None, fresh=False):
-    """Run one training loop in a Run (resume, logging, checkpoints) and return the model.
-    fresh: start over even under --resume (a restart from a new init)."""
+def fit(cfg, env, name, model, steps, lr, loop, *args, prompts=None):
+    """Run one training loop in a Run (resume, logging, checkpoints) and return the model."""
     run = Run(cfg, env, name, model, steps, lr)
     run.prompts = prompts
-    run.resume_if_asked(allowed=not fresh)
+    run.resume_if_asked()
     loop(run, *args)
     return model
-
-
-CONVERGED = 0.95  # an expert below this held-out-style reward stopped on a plateau (README)
-
-
-def check_reward(cfg, env, model):
-    """Reward at temperature 1 on 256 fresh training-distribution prompts, not the held-out
-    ones: deciding a restart must not look at the prompts the results are reported on."""
-    prompts = PromptStream(env["task"], env["held_out"], seed=seed_for(cfg.seed, "restart-check")).batch(256)
-    return evaluation.quick_eval(model, env["tok"], env["task"], prompts, seed=cfg.seed)["reward"]
-
-
-def restart_line(env, what, reward, target, attempt, restarts):
-    rank0_print(env, f"{what} stopped at reward {reward:.3f} < {target:.3f}: a plateau (README, \"Training that "
-                     f"converges\"); retraining it from a fresh init, restart {attempt + 1} of {restarts}")
 
 
 def get_expert(cfg, env):
@@ -196,25 +178,18 @@ def get_expert(cfg, env):
     else:
         path = os.path.join(env["dir"], "expert.pt")
         expert = None if cfg.mode == "expert" else load_finished(path, env, cfg.expert_size,
-                                                                   dict(seed=cfg.seed, total=cfg.expert_steps))
+                                                                   dict(seed=("--seed", cfg.seed), total=("--expert-steps", cfg.expert_steps)))
     if expert is None:
-        for attempt in range(cfg.restarts + 1):
-            role = "expert" if attempt == 0 else f"expert/restart{attempt}"  # a fresh init; the same data
-            expert = new_model(cfg, env, cfg.expert_size, role)
-            rank0_print(env, f"training the expert ({cfg.expert_size}, {expert.n_params():,} parameters) on ground truth")
-            data = None  # a zero-step run needs no data
-            if cfg.expert_steps:  # every rank builds the same dataset; sft.train gives each rank its own rows
-                texts = PromptStream(env["task"], env["held_out"], seed=seed_for(cfg.seed, "expert/prompts")).batch(
-                    cfg.expert_steps * cfg.batch_size)
-                g = torch.Generator().manual_seed(seed_for(cfg.seed, "expert/answers"))
-                answers = [sample_answer(env["task"], p, g) for p in texts]
-                data = sft.ground_truth_dataset(env["tok"], env["task"], texts, answers, env["device"])
-            fit(cfg, env, "expert", expert, cfg.expert_steps, cfg.expert_lr or size_spec(cfg.expert_size)["lr"],
-                sft.train, data, cfg, fresh=attempt > 0)
-            reward = check_reward(cfg, env, expert) if attempt < cfg.restarts else 1.0
-            if reward >= CONVERGED:
-                break
-            restart_line(env, "the expert", reward, CONVERGED, attempt, cfg.restarts)
+        expert = new_model(cfg, env, cfg.expert_size, "expert")
+        rank0_print(env, f"training the expert ({cfg.expert_size}, {expert.n_params():,} parameters) on ground truth")
+        data = None  # a zero-step run needs no data
+        if cfg.expert_steps:  # every rank builds the same dataset; sft.train gives each rank its own rows
+            texts = PromptStream(env["task"], env["held_out"], seed=seed_for(cfg.seed, "expert/prompts")).batch(
+                cfg.expert_steps * cfg.batch_size)
+            g = torch.Generator().manual_seed(seed_for(cfg.seed, "expert/answers"))
+            answers = [sample_answer(env["task"], p, g) for p in texts]
+            data = sft.ground_truth_dataset(env["tok"], env["task"], texts, answers, env["device"])
+        fit(cfg, env, "expert", expert, cfg.expert_steps, cfg.expert_lr or size_spec(cfg.expert_size)["lr"], sft.train, data, cfg)
     expert.eval().requires_grad_(False)  # frozen and replicated: no DDP wrapper
     env["expert"] = fingerprint(expert)  # every later checkpoint records, and is checked against, it
     return expert
@@ -257,23 +232,14 @@ def expert_samples(cfg, env, expert, n, seed):
 
 
 def get_student_base(cfg, env, expert):
-    """The student both methods start from: a short SFT warm start on expert samples. A base of
-    the expert's own size (realizable) that ends 0.05 below its expert stopped on the plateau
-    the expert can stop on too, and is retrained from a fresh init (--restarts)."""
+    """The student both methods start from: a short SFT warm start on expert samples."""
     name = f"base-{cfg.student_size}"
     base = load_finished(os.path.join(env["dir"], f"{name}.pt"), env, cfg.student_size,
-                         dict(seed=cfg.seed, total=cfg.base_steps))
+                         dict(seed=("--seed", cfg.seed), total=("--base-steps", cfg.base_steps)))
     if base is None:
+        base = new_model(cfg, env, cfg.student_size, "student")
         data = expert_samples(cfg, env, expert, cfg.base_steps * cfg.batch_size, seed_for(cfg.seed, "base/data"))
-        for attempt in range(cfg.restarts + 1):
-            base = new_model(cfg, env, cfg.student_size, "student" if attempt == 0 else f"student/restart{attempt}")
-            fit(cfg, env, name, base, cfg.base_steps, student_lr(cfg), sft.train, data, cfg, fresh=attempt > 0)
-            if attempt == cfg.restarts or cfg.student_size != cfg.expert_size:
-                break
-            reward, target = check_reward(cfg, env, base), check_reward(cfg, env, expert) - 0.05
-            if reward >= target:
-                break
-            restart_line(env, f"the realizable {name}", reward, target, attempt, cfg.restarts)
+        fit(cfg, env, name, base, cfg.base_steps, student_lr(cfg), sft.train, data, cfg)
     return base
 
 
