@@ -157,9 +157,9 @@ class Run:
         # read on the CPU: generator states must be CPU ByteTensors (the prompt stream's generator
         # lives on the CPU even on a GPU run); the weights and the optimizer state are copied to
         # the model's device by their load_state_dict
-        # the run it continues must be this one: same identity, seed and length (the schedule)
+        # the run it continues must be this one: same identity and seed
         _, ck = load_checkpoint(self.path, expect=dict(identity(self.env, self.raw.cfg), name=self.name,
-                                                       seed=self.cfg.seed, total=self.total), device="cpu")
+                                                       seed=self.cfg.seed), device="cpu")
         if len(ck["rng"]["sample"]) != self.world:  # each rank resumes its own sampling stream
             raise UsageError(f"{self.path} was saved by {len(ck['rng']['sample'])} rank(s): resume it with as many "
                              f"(torchrun --nproc_per_node {len(ck['rng']['sample'])}), not {self.world}")
@@ -170,6 +170,9 @@ class Run:
             self.prompts.g.set_state(ck["rng"]["prompts"][self.rank])
         self.start, self.totals, self.saved = ck["step"], ck["totals"], ck["step"]
         rank0_print(self.env, f"resumed {self.path} at step {self.start}")
+        if ck["total"] != self.total:  # allowed (train on for longer), but the lr schedule is another one
+            rank0_print(self.env, f"note: {self.path} was a run of {ck['total']} steps, continued as one of "
+                                  f"{self.total}: its learning-rate schedule changes from here")
 
     def steps(self):
         """Yield step numbers. Checkpoints: at the end and on Ctrl-C at once; every save_every

@@ -82,7 +82,7 @@ def test_the_run_ends_with_its_reward_curve_as_a_text_plot(tiny_runs):
     assert rest == f"{evals[0]['eval_reward']:.2f} -> {evals[-1]['eval_reward']:.2f} by step {evals[-1]['step']}"
 
 
-def test_a_reused_checkpoint_must_come_from_this_seed_and_schedule(tiny_runs):
+def test_a_reused_checkpoint_must_come_from_this_seed_and_schedule(tiny_runs, tmp_path):
     """The expert and the bases in --out-dir are reused by later runs; one made with another
     --seed or step count is refused in one line, never silently paired with this run."""
     d, _ = tiny_runs
@@ -91,11 +91,14 @@ def test_a_reused_checkpoint_must_come_from_this_seed_and_schedule(tiny_runs):
         out = train("--mode", "sft", "--out-dir", d, *args, flag, value, check=False, timeout=120)
         lines = out.stderr.strip().splitlines()
         assert out.returncode != 0 and len(lines) == 1 and "this run asks for" in lines[0], out.stderr[-2000:]
-    # --resume continues a run only with its own seed and length (its schedule)
-    args = [*TINY[:TINY.index("--steps")], *TINY[TINY.index("--steps") + 2:]]
-    out = train("--mode", "sft", "--out-dir", d, *args, "--steps", "61", "--resume", check=False, timeout=120)
+    # --resume continues a run only with its own seed (a longer run is allowed, and said)
+    fresh = tmp_path / "mirror"
+    fresh.mkdir()
+    shutil.copy(os.path.join(d, "mirror", "sft-small.pt"), fresh)  # seed 0's student, beside no base
+    out = train("--mode", "sft", "--out-dir", str(tmp_path), *TINY, "--seed", "1", "--resume",
+                "--expert-ckpt", os.path.join(d, "mirror", "expert.pt"), check=False, timeout=120)
     lines = out.stderr.strip().splitlines()
-    assert out.returncode != 0 and len(lines) == 1 and "made for total=60" in lines[0], out.stderr[-2000:]
+    assert out.returncode != 0 and len(lines) == 1 and "made for seed=0" in lines[0], out.stderr[-2000:]
 
 
 def test_metrics_and_checkpoints_describe_themselves(tiny_runs):
