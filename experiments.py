@@ -160,6 +160,11 @@ def machine():
     return f"{cpu}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def mean_follow(results):
+    rows = [r["follow"] for r in results]
+    return [sum(col) / len(col) for col in zip(*rows)]
+
+
 def claim_counts(res, expert_size, small):
     """The claims, each as a count over seeds, and the seeds where one fails (to be explained)."""
     n = len(res[("expert", expert_size)])
@@ -238,6 +243,10 @@ def grid(a, train_args):
                    table("student size", list(rows), [m[0] for m in GRID],
                          lambda r, c: mean_std([x[key] for x in res[(c, rows[r])]])))
     report.add(f"claims, each a count over the {a.seeds} seeds", claim_counts(res, expert_size, small))
+    report.add("follow: per answer position (sign, digits, end), the probability of the right next token after "
+               "a correct prefix, mean over seeds (1/2 = cannot tell the two modes apart there)",
+               [f"{size:<7} {label:<13} " + " ".join(f"{v:.2f}" for v in mean_follow(res[(label, size)]))
+                for size in sizes for label, _, _ in GRID if (label, size) in res and not (label == "expert" and size != expert_size)])
     report.add("held-out reward vs step (text plot, mean over seeds, 0 to 1)",
                [f"{size:<7} {label:<13} {curve(dirs, a.task, name(size))}"
                 for size in sizes for label, _, name in GRID if label not in ("expert", "base")])

@@ -123,3 +123,7 @@ def test_first_errors_by_hand():
     # right; wrong at the last digit (5); stopped early (the end where digit 5 goes); too long (6);
     # '-5' then nothing (position 2); garbage (0)
     assert eval_module.first_errors(t, ["31415="] * 6, texts) == [1, 0, 1, 0, 0, 2, 1]
+
+
+def test_mean_follow_averages_each_position_over_seeds():
+    assert experiments.mean_follow([dict(follow=[1.0, 0.5]), dict(follow=[0.0, 0.5])]) == [0.5, 0.5]
