@@ -232,11 +232,11 @@ def grid(a, train_args):
     expert_size, *small = a.sizes.split(",")
     sizes = [expert_size, *small]
     dirs, runs = seed_runs(a, train_args)
+    report = Report(f"{a.task}: realizable vs misspecified, {a.seeds} seeds")  # its clock starts here
     wall = run_jobs(grid_jobs(runs, a.task, expert_size, sizes, GRID), a.jobs)
     res = read_results(dirs, a.task, sizes, GRID)
     rows = {f"{expert_size}: same as expert (realizable)": expert_size,
             **{f"{s}: smaller (misspecified)": s for s in small}}
-    report = Report(f"{a.task}: realizable vs misspecified, {a.seeds} seeds")
     for key, what in (("reward", "held-out reward at temperature 1"), ("rev_kl", "sequence-level KL(student || expert)"),
                       ("fwd_kl", "sequence-level KL(expert || student)"), ("coverage", "valid answers per prompt in 8 samples")):
         report.add(f"{a.task}: {what}, mean ± std over {a.seeds} seeds ({wall / 60:.1f} min wall, {a.jobs} jobs)",
@@ -262,9 +262,9 @@ def ablation(a, train_args):
     """Which ingredient carries online IL's win on the misspecified student."""
     expert_size, small = a.sizes.split(",")[:2]
     dirs, runs = seed_runs(a, train_args)
+    report = Report(f"{a.task}: ablation of online IL, {a.seeds} seeds")
     wall = run_jobs(grid_jobs(runs, a.task, expert_size, [small], ABLATION), a.jobs)
     res = read_results(dirs, a.task, [small], ABLATION)
-    report = Report(f"{a.task}: ablation of online IL, {a.seeds} seeds")
     report.add(f"{a.task}, student {small} (misspecified), mean ± std over {a.seeds} seeds ({wall / 60:.1f} min wall)",
                table("method", [m[0] for m in ABLATION], ["reward", "rev_kl", "fwd_kl", "coverage"],
                      lambda r, c: mean_std([x[c] for x in res[(r, small)]])))
@@ -281,8 +281,8 @@ def horizon(a, train_args):
     runs = {(h, s): (os.path.join(a.out_dir, f"H{h}", f"seed{s}"),
                      ["--seed", str(s), "--task", "pointer", "--digits", str(digits), "--answer-len", str(h), *train_args])
             for h in hs for s in range(a.seeds)}
-    wall = run_jobs(grid_jobs(list(runs.values()), "pointer", expert_size, sizes, GRID), a.jobs)
     report = Report(f"pointer: reward vs horizon H, {a.seeds} seed(s)")
+    wall = run_jobs(grid_jobs(list(runs.values()), "pointer", expert_size, sizes, GRID), a.jobs)
     res = {h: read_results([runs[(h, s)][0] for s in range(a.seeds)], "pointer", sizes, GRID) for h in hs}
     for size in sizes:
         kind = "realizable" if size == expert_size else "misspecified"
