@@ -153,6 +153,10 @@ def main(argv=None):
     p.add_argument("--horizons", default="1,2,4,8,16", help="horizon: the values of H")
     p.add_argument("--out-dir", default="", help="where runs go (default out/<experiment>)")
     p.add_argument("--train-args", default="", help="extra flags for every train.py run, quoted")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--train-args" in argv[:-1]:  # its value starts with "--": glue it on, or argparse takes it for a flag
+        i = argv.index("--train-args")
+        argv[i:i + 2] = [f"--train-args={argv[i + 1]}"]
     a = p.parse_args(argv)
     experiments = [k for k in ("grid", "ablation", "horizon") if getattr(a, k)]
     if len(experiments) > 1:

@@ -71,6 +71,7 @@ def test_eval_cli_errors_are_one_line():
     (["--horizon", "--horizons", "1,x"], "--horizons '1,x'"),
     (["--grid", "--task", "nope"], "invalid choice: 'nope'"),
     (["--grid", "--ablation"], "choose one of"),
+    (["--grid", "--train-args", "--no-sign", "--seeds", "0"], "--seeds and --jobs"),  # not "expected one argument"
 ])
 def test_eval_bad_flags_are_one_line(args, message, tmp_path):
     out = subprocess.run([sys.executable, "eval.py", *args, "--out-dir", str(tmp_path)], cwd=ROOT,
