@@ -136,8 +136,27 @@ def _randint(lo, hi, g):
     return lo + int(torch.randint(hi - lo + 1, (1,), generator=g))
 
 
+class _Digits:
+    """What mirror and pointer share: a prompt of `digits` random digits and '=', an answer of
+    a sign (optional) and H digits, reward 1 for any of the task's valid answers."""
+
+    @property
+    def max_prompt_len(self):
+        return self.digits + 1
+
+    @property
+    def max_response_len(self):
+        return self.answer_len + self.sign
+
+    def sample_prompt(self, g):
+        return "".join(str(_randint(0, 9, g)) for _ in range(self.digits)) + "="
+
+    def reward(self, prompt, response):
+        return float(response in self.answers(prompt))
+
+
 @dataclass
-class MirrorTask:
+class MirrorTask(_Digits):
     """Name a direction, then read H digits from that end of an n-digit prompt (module docstring)."""
     digits: int = 5
     answer_len: int = 0  # H; 0 means H = digits
@@ -151,29 +170,15 @@ class MirrorTask:
         if not 1 <= self.answer_len <= self.digits:
             raise UsageError(f"mirror answer length must be in 1..{self.digits}")
 
-    @property
-    def max_prompt_len(self):
-        return self.digits + 1
-
-    @property
-    def max_response_len(self):
-        return self.answer_len + self.sign
-
-    def sample_prompt(self, g):
-        return "".join(str(_randint(0, 9, g)) for _ in range(self.digits)) + "="
-
     def answers(self, prompt):
         d, H = prompt[:-1], self.answer_len
         if self.sign:  # two answers always, even where the two readings coincide
             return ["+" + d[:H], "-" + d[::-1][:H]]
         return sorted({d[:H], d[::-1][:H]})
 
-    def reward(self, prompt, response):
-        return float(response in self.answers(prompt))
-
 
 @dataclass
-class PointerTask:
+class PointerTask(_Digits):
     """Copy H digits, or follow each as a pointer into the prompt (module docstring)."""
     digits: int = 10
     answer_len: int = 1  # H
@@ -186,26 +191,12 @@ class PointerTask:
         if not 1 <= self.answer_len <= self.digits:
             raise UsageError(f"pointer answer length must be in 1..{self.digits}")
 
-    @property
-    def max_prompt_len(self):
-        return self.digits + 1
-
-    @property
-    def max_response_len(self):
-        return self.answer_len + self.sign
-
-    def sample_prompt(self, g):
-        return "".join(str(_randint(0, 9, g)) for _ in range(self.digits)) + "="
-
     def answers(self, prompt):
         d, H = prompt[:-1], self.answer_len
         copy, follow = d[:H], "".join(d[int(c)] for c in d[:H])
         if self.sign:
             return ["+" + copy, "-" + follow]
         return sorted({copy, follow})
-
-    def reward(self, prompt, response):
-        return float(response in self.answers(prompt))
 
 
 # countdown: expressions are (value, text, precedence) with precedence 1 for +-, 2 for */, 3 atoms
