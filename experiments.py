@@ -132,7 +132,7 @@ class Report:
         print(f"\n{heading}\n" + "\n".join(lines), flush=True)
         self.sections.append((heading, lines))
 
-    def write(self, folder):
+    def write(self, folder, name="report.md"):
         try:
             commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                     cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
@@ -142,7 +142,7 @@ class Report:
                 f"- wall time: {(time.time() - self.t0) / 60:.1f} min", f"- machine: {machine()}",
                 f"- commit: {commit}", ""]
         body = [x for h, lines in self.sections for x in (f"## {h}", "", "```", *lines, "```", "")]
-        path = os.path.join(folder, "report.md")
+        path = os.path.join(folder, name)
         os.makedirs(folder, exist_ok=True)
         with open(path, "w") as f:
             f.write("\n".join(head + body))
@@ -268,7 +268,7 @@ def ablation(a, train_args):
     report.add(f"{a.task}, student {small} (misspecified), mean ± std over {a.seeds} seeds ({wall / 60:.1f} min wall)",
                table("method", [m[0] for m in ABLATION], ["reward", "rev_kl", "fwd_kl", "coverage"],
                      lambda r, c: mean_std([x[c] for x in res[(r, small)]])))
-    report.write(a.out_dir)
+    report.write(a.out_dir, "report-ablation.md")  # beside the grid's report.md when it shares its runs
 
 
 def horizon(a, train_args):
