@@ -13,8 +13,9 @@ The second (score-function, REINFORCE) term is the one that matters under misspe
 it tells the first token which *mode* to commit to by what that choice costs later.
 gamma=1 (default) is the exact sequence-level gradient. gamma=0 drops it and leaves the
 per-token objective of GKD/TRL and of Thinking Machines' recipe: at a prefix the student
-cannot tell apart (it cannot see which mode it started), per-token KL is minimised by the
-same 50/50 mixture that SFT learns, so gamma=0 gains little over SFT there.
+cannot tell apart (it cannot see which mode it started), per-token KL is minimised by one
+distribution for both modes (the normalised geometric mean of the expert's conditionals; about
+50/50 on mirror by symmetry, like SFT's), so gamma=0 gains little over SFT there.
 
 --temperature T samples the rollouts from softmax(z / T), and every score (D, log pi_s,
 log pi_e) is taken at T too: the objective is KL(pi_s^T || pi_e^T), and its REINFORCE term

@@ -15,7 +15,7 @@ Metrics (held-out prompts, disjoint from training prompts):
                  (their longest common prefix with any valid answer has length t)
   follow         per answer position: the probability of the right next token after a correct
                  prefix, averaged over every valid answer (teacher forcing). Where a student
-                 cannot tell the modes apart it is at most 1/2 there, whatever it was trained by.
+                 cannot tell the modes apart it is about 1/2 there, whatever it was trained by.
 """
 import json
 import os

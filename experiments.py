@@ -244,7 +244,7 @@ def grid(a, train_args):
                          lambda r, c: mean_std([x[key] for x in res[(c, rows[r])]])))
     report.add(f"claims, each a count over the {a.seeds} seeds", claim_counts(res, expert_size, small))
     report.add("follow: per answer position (sign, digits, end), the probability of the right next token after "
-               "a correct prefix, mean over seeds (1/2 = cannot tell the two modes apart there)",
+               "a correct prefix, mean over seeds (about 1/2: cannot tell the two modes apart there)",
                [f"{size:<7} {label:<13} " + " ".join(f"{v:.2f}" for v in mean_follow(res[(label, size)]))
                 for size in sizes for label, _, _ in GRID if (label, size) in res and not (label == "expert" and size != expert_size)])
     report.add("held-out reward vs step (text plot, mean over seeds, 0 to 1)",

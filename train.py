@@ -59,7 +59,7 @@ class Config:
     expert_steps: int = opt(1500, "expert: optimizer steps on ground truth")
     expert_lr: float = opt(0.0, "expert: peak learning rate (0: the size's own, model.SIZES)")
     expert_min_reward: float = opt(0.95, "quality gate: stop if the expert's held-out reward is below this (0: off)")
-    base_steps: int = opt(600, "student base: warm-start SFT steps on expert samples (see README: why 600)")
+    base_steps: int = opt(600, "student base: warm-start SFT steps on expert samples (README: why a warm start)")
     steps: int = opt(600, "offline and online IL: optimizer steps (the same for both)")
     batch_size: int = opt(128, "sequences per step, over all ranks (the same for both)")
     lr: float = opt(0.0, "student: peak learning rate, cosine decay to 10% (0: the size's own)")
