@@ -303,7 +303,8 @@ def test_students_and_eval_refuse_a_retrained_expert(tiny_runs, tmp_path):
     base is not silently paired with it, and eval.py CHECKPOINT does not trust it either."""
     d, _ = tiny_runs
     shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("sft*"))
-    train("--mode", "expert", "--out-dir", str(tmp_path / "other"), *TINY, "--expert-steps", "5", "--seed", "1",
+    # the same seed and steps (or the run would refuse it for those), another learning rate: other weights
+    train("--mode", "expert", "--out-dir", str(tmp_path / "other"), *TINY, "--expert-lr", "0.02",
           "--expert-min-reward", "0")
     shutil.copy(tmp_path / "other" / "mirror" / "expert.pt", tmp_path / "mirror" / "expert.pt")
     out = train("--mode", "sft", "--out-dir", str(tmp_path), *TINY, "--expert-min-reward", "0", check=False)
