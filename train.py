@@ -10,7 +10,7 @@ The pipeline, per task (checkpoints under <out-dir>/<task>/):
                        loaded if present;
   2. base-<size>.pt    a student warm-started by a short SFT phase on expert samples, shared
                        by both methods so they start from the same point (online IL from a
-                       random init spends its first ~300 steps at reward 0: EXERCISES.md, 6);
+                       random init spends its first ~350 steps at reward 0: EXERCISES.md, 6);
   3. <mode>-<size>.pt  the student after offline or online IL, with the same number of
                        optimizer steps and response tokens per step (budget parity).
 Each checkpoint has a <name>.metrics.jsonl beside it. Every flag comes from Config below.
