@@ -120,21 +120,21 @@ def sparkline(values, lo=0.0, hi=1.0):
 
 def reward_curve(metrics_paths, width=24):
     """The held-out reward vs step of runs (their metrics.jsonl; the mean over them) as a text
-    plot of at most `width` evenly spaced points, the first and the last included. Returns
-    (plot, first value, last value, last step), or None when a file or its rewards are missing."""
+    plot of at most `width` evenly spaced points, the first and the last included, e.g.
+    "[ ▁▇██] 0.00 -> 1.00 by step 600"; "" when a file or its rewards are missing."""
     series = []
     for path in metrics_paths:
         if not os.path.exists(path):
-            return None
+            return ""
         with open(path) as f:
             rows = [json.loads(l) for l in f if "eval_reward" in l]
         series.append(rows)
     if not series or not all(series):
-        return None
+        return ""
     n = min(len(s) for s in series)
     mean = [sum(s[i]["eval_reward"] for s in series) / len(series) for i in range(n)]
     picks = [mean[round(i * (n - 1) / max(1, min(width, n) - 1))] for i in range(min(width, n))]
-    return sparkline(picks), mean[0], mean[-1], series[0][n - 1]["step"]
+    return f"[{sparkline(picks)}] {mean[0]:.2f} -> {mean[-1]:.2f} by step {series[0][n - 1]['step']}"
 
 
 def main(argv=None):

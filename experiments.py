@@ -191,8 +191,7 @@ def claim_counts(res, expert_size, small):
 
 def curve(run_dirs, task, name):
     """Held-out reward vs step as one line of block characters (mean over seeds), e.g. ▁▃▆██."""
-    c = reward_curve([os.path.join(d, task, f"{name}.metrics.jsonl") for d in run_dirs])
-    return f"[{c[0]}] {c[1]:.2f} -> {c[2]:.2f} by step {c[3]}" if c else ""
+    return reward_curve([os.path.join(d, task, f"{name}.metrics.jsonl") for d in run_dirs])
 
 
 def plot_curves(run_dirs, task, student_sizes, methods, path):

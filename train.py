@@ -286,7 +286,7 @@ def main(argv=None):
         print(evaluation.describe(f"{name} ({model.n_params():,} params) on {cfg.task}", result, len(env["held_out"])))
         curve = evaluation.reward_curve([os.path.join(env["dir"], f"{name}.metrics.jsonl")])
         if curve:  # the run's held-out reward checks as a text plot, 0 (blank) to 1 (full block)
-            print(f"  held-out reward vs step: [{curve[0]}] {curve[1]:.2f} -> {curve[2]:.2f} by step {curve[3]}")
+            print(f"  held-out reward vs step: {curve}")
         if cfg.mode == "base" and cfg.student_size == cfg.expert_size and result["reward"] < expert_reward - 0.05:
             print(f"warning: {name} is the expert's own class but reaches {result['reward']:.3f} against the expert's "
                   f"{expert_reward:.3f}: this warm start did not converge")
