@@ -231,10 +231,17 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--rows", default="all", choices=["all", "sampler", "kernels"], help="which rows to run")
+    p.add_argument("--only", default="", help="run only these rows (comma-separated kinds, e.g. 'logprobs naive,logprobs fused')")
+    p.add_argument("--block-mb", type=int, default=0, help="fused rows: working-buffer budget per vocabulary block (0: kernels.py's own)")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.block_mb < 0:
+        sys.exit("error: --block-mb must be >= 0")
+    if a.block_mb:
+        import kernels
+        kernels.VOCAB_BLOCK_BUDGET = a.block_mb * 2**20
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda, but no CUDA device is available")
     if a.child:
@@ -242,6 +249,11 @@ def main():
         print(json.dumps(row))
         return
     kinds = [*(SAMPLER if a.rows != "kernels" else ()), *(KERNELS if a.rows != "sampler" else ())]
+    if a.only:
+        unknown = set(a.only.split(",")) - set(kinds)
+        if unknown:
+            sys.exit(f"error: --only names unknown rows {sorted(unknown)}; choose from {kinds}")
+        kinds = [k for k in kinds if k in a.only.split(",")]
     rows, skipped = {}, {}
     for kind in kinds:
         if "cce" in kind and importlib.util.find_spec("cut_cross_entropy") is None:
@@ -265,23 +277,27 @@ def main():
         print(f"\nsampler on {a.device}: mirror prompts, batch 128, tokens/s (median of {a.reps}); "
               f"KV cache against full recompute")
         print(f"{'model':<8} {'tokens':>6} {'cached tok/s':>13} {'recompute tok/s':>16} {'speedup':>8} {'same':>5}")
-        for kind in SAMPLER:
+        for kind in (k for k in SAMPLER if k in rows):
             r = rows[kind]
             c, f = r["cached"]["tok_s"], r["recompute"]["tok_s"]
             print(f"{r['size']:<8} {r['new_tokens']:>6} {c:>13,.0f} {f:>16,.0f} {c / f:>7.2f}x {'yes' if r['same'] else 'NO':>5}")
     if a.rows != "sampler":
-        print(f"\nkernels: N={a.n} d={a.d} V={a.v} {a.dtype} on {a.device}, forward+backward, median of {a.reps}")
+        budget = f", fused blocks within {a.block_mb} MB" if a.block_mb else ""
+        print(f"\nkernels: N={a.n} d={a.d} V={a.v} {a.dtype} on {a.device}, forward+backward, median of {a.reps}{budget}")
         print(f"{'kernel':<22} {'time s':>8} {'cpu s':>8} {'extra peak GB':>14} {'time / naive':>13} {'memory / naive':>15}")
         for kind in KERNELS:
             if kind in skipped:
                 print(f"{kind:<22} skipped: {skipped[kind]}")
                 continue
+            if kind not in rows:  # left out by --only
+                continue
             r, group = rows[kind], kind.split()[0]
-            naive = rows[f"{'logprobs' if group == 'floor' else group} naive"]
-            print(f"{kind:<22} {r['time']:8.3f} {r['cpu']:8.3f} {r['extra_gb']:14.3f} {r['time'] / naive['time']:13.2f} "
-                  f"{r['extra_gb'] / max(naive['extra_gb'], 1e-9):15.3f}")
+            naive = rows.get(f"{'logprobs' if group == 'floor' else group} naive")
+            ratios = (f"{r['time'] / naive['time']:13.2f} {r['extra_gb'] / max(naive['extra_gb'], 1e-9):15.3f}"
+                      if naive else f"{'-':>13} {'-':>15}")
+            print(f"{kind:<22} {r['time']:8.3f} {r['cpu']:8.3f} {r['extra_gb']:14.3f} {ratios}")
         for peer in PEERS:
-            if peer in rows:
+            if peer in rows and "logprobs loss-fused" in rows:
                 mine, theirs = rows["logprobs loss-fused"], rows[peer]
                 print(f"logprobs loss-fused against {peer[9:]}: {mine['time'] / theirs['time']:.2f}x its time, "
                       f"{mine['extra_gb'] / max(theirs['extra_gb'], 1e-9):.2f}x its extra memory")

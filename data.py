@@ -89,11 +89,8 @@ def encode_prompts(tok, prompts, device="cpu"):
     Left padding makes every prompt end at the same column, so sampling appends in lockstep."""
     rows = [[tok.bos] + tok.encode(p) for p in prompts]
     P = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), P), tok.pad, dtype=torch.long)
-    valid = torch.zeros((len(rows), P), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        tokens[i, P - len(r):] = torch.tensor(r)
-        valid[i, P - len(r):] = True
+    tokens = torch.tensor([[tok.pad] * (P - len(r)) + r for r in rows], dtype=torch.long)  # one copy, not one per row
+    valid = torch.tensor([[False] * (P - len(r)) + [True] * len(r) for r in rows], dtype=torch.bool)
     return tokens.to(device), valid.to(device)
 
 
@@ -101,11 +98,8 @@ def encode_responses(tok, responses, device="cpu"):
     """Right-padded response batch ending in the end token: tokens [B, R], mask [B, R]."""
     rows = [tok.encode(r) + [tok.end] for r in responses]
     R = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), R), tok.pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), R), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        tokens[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = True
+    tokens = torch.tensor([r + [tok.pad] * (R - len(r)) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[True] * len(r) + [False] * (R - len(r)) for r in rows], dtype=torch.bool)
     return tokens.to(device), mask.to(device)
 
 
@@ -241,6 +235,12 @@ def countdown_solutions(nums):
     return {v: sorted(t) for v, t in by_value.items()}
 
 
+@lru_cache(maxsize=65536)
+def _targets(nums, max_target):
+    """The reachable integer targets in 1..max_target, sorted (cached: prompts repeat them)."""
+    return [int(v) for v in sorted(countdown_solutions(nums)) if v.denominator == 1 and 1 <= v <= max_target]
+
+
 class _Parser:
     """Recursive-descent parser with exact rationals; raises ValueError on anything off."""
 
@@ -317,8 +317,7 @@ class CountdownTask:
     def sample_prompt(self, g):
         while True:  # prompts with no solution in range are never generated
             nums = tuple(sorted(_randint(1, self.max_number, g) for _ in range(self.n_numbers)))
-            targets = sorted(int(v) for v in countdown_solutions(nums)
-                             if v.denominator == 1 and 1 <= v <= self.max_target)
+            targets = _targets(nums, self.max_target)
             if targets:
                 t = targets[_randint(0, len(targets) - 1, g)]
                 return ",".join(map(str, nums)) + f";{t}="

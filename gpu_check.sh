@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
 # The CUDA path, checked in one go on a machine with an NVIDIA GPU (no CPU run can show it):
-#   1. the CUDA tests (kernels in fp32/bf16 against float64, the sampler, a tiny pipeline with
-#      bf16 autocast and --compile, --resume on CUDA, fp32 sampler logits under autocast);
-#   2. the kernel and sampler benchmark in bf16 on the GPU (with Cut Cross-Entropy's rows if
-#      it is installed);
-#   3. one seed of the mirror grid on the GPU, then the quick-start command's wall time there.
-# Usage: bash gpu_check.sh [logs folder, default out/gpu] [runs folder, default <logs>/runs].
-# Each step has a time limit, so one slow step cannot starve the others.
+#   1. the kernel and sampler benchmark in bf16 on the GPU, alone on the machine (with Cut
+#      Cross-Entropy's rows if it is installed), then the plain fused kernel with wider blocks;
+#   2. the quick-start command's wall time, alone;
+#   3. side by side: the CUDA tests (kernels in fp32/bf16 against float64, the sampler, a tiny
+#      pipeline with bf16 autocast and --compile, --resume on CUDA) and one seed of the mirror
+#      grid on the GPU (and $EXTRA, a script of your own, if set).
+# Usage: bash gpu_check.sh [logs folder, default out/gpu] [runs folder, default <logs>/runs]
+# Each step has a time limit, so one slow step cannot starve the others (about 9 minutes in all).
 set -uo pipefail
 cd "$(dirname "$0")"
 logs=${1:-out/gpu}
 runs=${2:-$logs/runs}
+py=${PYTHON:-python3}
 mkdir -p "$logs" "$runs"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$logs/gpu.txt"
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$logs/gpu.txt"
-timeout 200 python -m pytest -q tests/test_cuda.py tests/test_model.py tests/test_runtime.py 2>&1 | tee "$logs/tests.log"
-timeout 160 python bench.py --device cuda --dtype bfloat16 2>&1 | tee "$logs/bench.log"
-timeout 140 python eval.py --grid --seeds 1 --jobs 4 --out-dir "$runs/grid" --train-args "--device cuda" 2>&1 \
-    | tee "$logs/grid.log"
-start=$SECONDS
-timeout 80 python train.py --mode onpolicy --device cuda --out-dir "$runs/quickstart" 2>&1 | tail -n 9 \
-    | tee "$logs/quickstart.log"
-echo "wall $((SECONDS - start)) s" | tee -a "$logs/quickstart.log"
+$py -c "import torch, os; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cpus', os.cpu_count())" \
+    | tee -a "$logs/gpu.txt"
+clock() { local label=$1 t=$SECONDS rc; shift; "$@"; rc=$?; echo "[$label: $((SECONDS - t)) s, exit $rc]"; }
+xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 6")  # pytest-xdist, where installed
+
+clock bench timeout 160 $py bench.py --device cuda --dtype bfloat16 > "$logs/bench.log" 2>&1
+clock bench-block512 timeout 40 $py bench.py --device cuda --dtype bfloat16 --rows kernels --only "logprobs naive,logprobs fused" \
+    --block-mb 512 > "$logs/bench-block512.log" 2>&1
+clock quickstart timeout 70 $py train.py --mode onpolicy --device cuda --out-dir "$runs/quickstart" > "$logs/quickstart.log" 2>&1
+
+pids=()
+(clock tests timeout 240 $py -m pytest -q -p no:cacheprovider $xdist \
+    tests/test_cuda.py tests/test_model.py tests/test_runtime.py > "$logs/tests.log" 2>&1) & pids+=($!)
+(clock grid timeout 240 $py eval.py --grid --seeds 1 --jobs 4 --out-dir "$runs/grid" --train-args "--device cuda" \
+    > "$logs/grid.log" 2>&1) & pids+=($!)
+if [ -n "${EXTRA:-}" ]; then (clock extra timeout 250 bash "$EXTRA" "$logs" "$runs" > "$logs/extra.log" 2>&1) & pids+=($!); fi
+wait "${pids[@]}"
+cp "$runs/grid/report.md" "$logs/grid-report.md" 2>/dev/null
+for f in bench bench-block512 quickstart tests grid; do echo "== $f"; tail -n 25 "$logs/$f.log"; done

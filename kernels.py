@@ -46,10 +46,13 @@ import torch.nn.functional as F
 IGNORE = -100  # target id of rows that take no part (padding, prompt tokens)
 
 
-def vocab_block(n_rows, vocab, budget_bytes=32 * 2**20):
+VOCAB_BLOCK_BUDGET = 32 * 2**20  # bytes; bench.py --block-mb changes it (wider blocks: fewer, larger GEMMs)
+
+
+def vocab_block(n_rows, vocab, budget_bytes=None):
     """Vocabulary block size such that the ~4 fp32 [N, block] working buffers fit the
     budget; a single block when everything fits (the project's tasks have V ~ 22)."""
-    block = budget_bytes // (16 * max(1, n_rows))
+    block = (budget_bytes or VOCAB_BLOCK_BUDGET) // (16 * max(1, n_rows))
     return int(min(vocab, max(1, block)))
 
 
