@@ -232,7 +232,7 @@ def main():
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--rows", default="all", choices=["all", "sampler", "kernels"], help="which rows to run")
     p.add_argument("--only", default="", help="run only these rows (comma-separated kinds, e.g. 'logprobs naive,logprobs fused')")
-    p.add_argument("--block-mb", type=int, default=0, help="fused rows: working-buffer budget per vocabulary block (0: kernels.py's own)")
+    p.add_argument("--block-mb", type=int, default=0, help="the vocabulary-blocked kernels' working-buffer budget per block, in MB (0: kernels.py's own, 32)")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.threads:
@@ -250,10 +250,11 @@ def main():
         return
     kinds = [*(SAMPLER if a.rows != "kernels" else ()), *(KERNELS if a.rows != "sampler" else ())]
     if a.only:
-        unknown = set(a.only.split(",")) - set(kinds)
+        only = [k.strip() for k in a.only.split(",")]
+        unknown = set(only) - set(kinds)
         if unknown:
-            sys.exit(f"error: --only names unknown rows {sorted(unknown)}; choose from {kinds}")
-        kinds = [k for k in kinds if k in a.only.split(",")]
+            sys.exit(f"error: --only names rows {sorted(unknown)} that --rows {a.rows} does not run; choose from {kinds}")
+        kinds = [k for k in kinds if k in only]
     rows, skipped = {}, {}
     for kind in kinds:
         if "cce" in kind and importlib.util.find_spec("cut_cross_entropy") is None:

@@ -238,7 +238,7 @@ def countdown_solutions(nums):
 @lru_cache(maxsize=65536)
 def _targets(nums, max_target):
     """The reachable integer targets in 1..max_target, sorted (cached: prompts repeat them)."""
-    return [int(v) for v in sorted(countdown_solutions(nums)) if v.denominator == 1 and 1 <= v <= max_target]
+    return tuple(int(v) for v in sorted(countdown_solutions(nums)) if v.denominator == 1 and 1 <= v <= max_target)
 
 
 class _Parser:

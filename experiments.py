@@ -3,7 +3,7 @@
 
     python eval.py --grid --seeds 3        # realizable vs misspecified: expert, SFT, online IL
     python eval.py --ablation --seeds 3    # which ingredient of online IL carries the win
-    python eval.py --horizon --quick       # reward vs horizon H on the pointer task
+    python eval.py --horizon --seeds 3     # reward vs horizon H on the pointer task
     python eval.py --toy                   # the exact H=1 projections
 
 A finished job leaves <run>.result.json; a rerun skips it, so an interrupted experiment
@@ -270,11 +270,12 @@ def ablation(a, train_args):
     report.write(a.out_dir, "report-ablation.md")  # beside the grid's report.md when it shares its runs
 
 
-# The sweep's recipe, the same at every H. At medium's own lr (1e-3) and 1500 steps the pointer
-# expert stops at 0.5-0.7 for H >= 4; at 3e-3 it needs up to ~3000 steps at H = 8-16 on some
-# seeds (README, "Beyond horizon"). The student base gets the expert's own budget and lr, so
-# that a realizable student can reach its expert at every H: a shortfall at long H is then
-# the horizon's doing, not a shorter schedule's.
+# The sweep's recipe, the same at every H. At medium's own lr (1e-3) and 1500 steps, the
+# signed pointer expert stopped at 0.54, 0.71, 0.50 for H = 4, 8, 16 (seed 0); at 3e-3 and 3000
+# steps, still climbing, at 0.86 (H = 8, seed 0) and 0.94 (H = 16, seed 1) (README, "Beyond
+# horizon"). Every student run (base, SFT, online, both sizes) takes the same lr, and the
+# warm-start base takes the expert's step budget, so that a realizable student is trained as
+# long as its expert was. --train-args come after the recipe and override it.
 HORIZON_RECIPE = ["--expert-steps", "6000", "--expert-lr", "3e-3", "--base-steps", "6000", "--lr", "3e-3",
                   "--eval-every", "250"]
 
@@ -313,6 +314,9 @@ def horizon(a, train_args):
                      "0..H+1 (sign, digits, end): " + " ".join(map(str, counts)))
         lines.append(f"{'':<22} rate per position among responses right so far: " +
                      " ".join(f"{x:.3f}" for x in hazard))
+    for h in hs:
+        report.add(f"claims at H={h}, each a count over the {a.seeds} seed(s)", claim_counts(res[h], expert_size, small))
+    report.add("recipe (every run; --train-args after it)", [" ".join(HORIZON_RECIPE + train_args)])
     report.add(f"where the errors start at H={H} (sampled at temperature 1, held-out prompts of {a.seeds} seed(s))",
                lines)
     report.write(a.out_dir)

@@ -7,7 +7,8 @@
 #      pipeline with bf16 autocast and --compile, --resume on CUDA) and one seed of the mirror
 #      grid on the GPU (and $EXTRA, a script of your own, if set).
 # Usage: bash gpu_check.sh [logs folder, default out/gpu] [runs folder, default <logs>/runs]
-# Each step has a time limit, so one slow step cannot starve the others (about 9 minutes in all).
+# Each step has a time limit, so one slow step cannot starve the others (at most 9.5 minutes in
+# all); the exit status is 1 if any step failed or ran out of time, and the last line names them.
 set -uo pipefail
 cd "$(dirname "$0")"
 logs=${1:-out/gpu}
@@ -18,20 +19,25 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$logs/gpu.txt"
 $py -c "import torch, os; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cpus', os.cpu_count())" \
     | tee -a "$logs/gpu.txt"
-clock() { local label=$1 t=$SECONDS rc; shift; "$@"; rc=$?; echo "[$label: $((SECONDS - t)) s, exit $rc]"; }
+clock() { local label=$1 t=$SECONDS rc; shift; "$@"; rc=$?; echo "[$label: $((SECONDS - t)) s, exit $rc]"; return $rc; }
 xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 6")  # pytest-xdist, where installed
 
-clock bench timeout 160 $py bench.py --device cuda --dtype bfloat16 > "$logs/bench.log" 2>&1
+failed=()
+clock bench timeout 160 $py bench.py --device cuda --dtype bfloat16 > "$logs/bench.log" 2>&1 || failed+=(bench)
 clock bench-block512 timeout 40 $py bench.py --device cuda --dtype bfloat16 --rows kernels --only "logprobs naive,logprobs fused" \
-    --block-mb 512 > "$logs/bench-block512.log" 2>&1
-clock quickstart timeout 70 $py train.py --mode onpolicy --device cuda --out-dir "$runs/quickstart" > "$logs/quickstart.log" 2>&1
+    --block-mb 512 > "$logs/bench-block512.log" 2>&1 || failed+=(bench-block512)
+clock quickstart timeout 70 $py train.py --mode onpolicy --device cuda --out-dir "$runs/quickstart" > "$logs/quickstart.log" 2>&1 \
+    || failed+=(quickstart)
 
-pids=()
+pids=() names=(tests grid)
 (clock tests timeout 240 $py -m pytest -q -p no:cacheprovider $xdist \
     tests/test_cuda.py tests/test_model.py tests/test_runtime.py > "$logs/tests.log" 2>&1) & pids+=($!)
-(clock grid timeout 240 $py eval.py --grid --seeds 1 --jobs 4 --out-dir "$runs/grid" --train-args "--device cuda" \
+(clock grid timeout 300 $py eval.py --grid --seeds 1 --jobs 4 --out-dir "$runs/grid" --train-args "--device cuda" \
     > "$logs/grid.log" 2>&1) & pids+=($!)
-if [ -n "${EXTRA:-}" ]; then (clock extra timeout 250 bash "$EXTRA" "$logs" "$runs" > "$logs/extra.log" 2>&1) & pids+=($!); fi
-wait "${pids[@]}"
+if [ -n "${EXTRA:-}" ]; then  # a script of your own (a path from the repository root), given <logs> <runs>
+    (clock extra timeout 250 bash "$EXTRA" "$logs" "$runs" > "$logs/extra.log" 2>&1) & pids+=($!) names+=(extra)
+fi
+for i in "${!pids[@]}"; do wait "${pids[$i]}" || failed+=("${names[$i]}"); done
 cp "$runs/grid/report.md" "$logs/grid-report.md" 2>/dev/null
 for f in bench bench-block512 quickstart tests grid; do echo "== $f"; tail -n 25 "$logs/$f.log"; done
+if [ ${#failed[@]} -gt 0 ]; then echo "failed or stopped at their time limit: ${failed[*]}"; exit 1; fi

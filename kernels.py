@@ -52,7 +52,7 @@ VOCAB_BLOCK_BUDGET = 32 * 2**20  # bytes; bench.py --block-mb changes it (wider 
 def vocab_block(n_rows, vocab, budget_bytes=None):
     """Vocabulary block size such that the ~4 fp32 [N, block] working buffers fit the
     budget; a single block when everything fits (the project's tasks have V ~ 22)."""
-    block = (budget_bytes or VOCAB_BLOCK_BUDGET) // (16 * max(1, n_rows))
+    block = (VOCAB_BLOCK_BUDGET if budget_bytes is None else budget_bytes) // (16 * max(1, n_rows))
     return int(min(vocab, max(1, block)))
 
 

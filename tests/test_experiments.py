@@ -128,3 +128,25 @@ def test_first_errors_by_hand():
 
 def test_mean_follow_averages_each_position_over_seeds():
     assert experiments.mean_follow([dict(follow=[1.0, 0.5]), dict(follow=[0.0, 0.5])]) == [0.5, 0.5]
+
+
+def test_horizon_sweep_runs_end_to_end_and_train_args_override_its_recipe(tmp_path):
+    tiny = ("--expert-steps 4 --base-steps 2 --steps 2 --batch-size 8 --eval-prompts 16 --eval-every 1 "
+            "--log-every 1")
+    out = subprocess.run([sys.executable, "eval.py", "--horizon", "--horizons", "2", "--seeds", "1", "--sizes",
+                          "small,tiny", "--out-dir", str(tmp_path), "--train-args", tiny],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with open(tmp_path / "H2" / "seed0" / "pointer" / "expert.result.json") as f:
+        assert json.load(f)["n_prompts"] == 16
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "H2" / "seed0" / "pointer" / "expert.metrics.jsonl")]
+    assert max(steps) == 4  # --train-args came after HORIZON_RECIPE's 6000 steps, and won
+    for log in ("expert-small.log", "base-tiny.log", "online_(γ=1)-tiny.log"):  # what each run was given
+        with open(tmp_path / "H2" / "seed0" / "logs" / log) as f:
+            cfg = json.loads(next(line for line in f if line.startswith("config: "))[len("config: "):])
+        assert (cfg["expert_lr"], cfg["lr"], cfg["eval_every"]) == (0.003, 0.003, 1)  # the recipe's, the override's
+        assert (cfg["task"], cfg["digits"], cfg["answer_len"], cfg["expert_steps"]) == ("pointer", 10, 2, 4)
+    report = (tmp_path / "report.md").read_text()
+    assert "pointer (16 digits" not in report and "pointer (10 digits), student small (realizable)" in report
+    assert "where the errors start at H=2" in report and "rate per position" in report
+    assert "claims at H=2" in report and "expert reaches >= 0.95" in report
