@@ -270,27 +270,30 @@ def ablation(a, train_args):
     report.write(a.out_dir, "report-ablation.md")  # beside the grid's report.md when it shares its runs
 
 
-# The sweep's recipe, the same at every H. At medium's own lr (1e-3) and 1500 steps, the
-# signed pointer expert stopped at 0.54, 0.71, 0.50 for H = 4, 8, 16 (seed 0; greedy 1.00); at
-# 3e-3 and 3000 steps it reached 0.86-1.00 at H = 8 and 0.88-0.94 at H = 16 over the seeds
-# tried (README, "Beyond horizon"). Every student run (base, SFT, online, both sizes) takes the same lr, and the
-# warm-start base takes the expert's step budget, so that a realizable student is trained as
-# long as its expert was. --train-args come after the recipe and override it.
-HORIZON_RECIPE = ["--expert-steps", "6000", "--expert-lr", "3e-3", "--base-steps", "6000", "--lr", "3e-3",
-                  "--eval-every", "250"]
+# The sweep's recipe. At medium's own lr (1e-3) and 1500 steps, the signed pointer expert
+# stopped at 0.54, 0.71, 0.50 for H = 4, 8, 16 (seed 0; greedy 1.00); at 3e-3 and 3000 steps it
+# reached 0.86-1.00 at H = 8 and 0.88-0.94 at H = 16 over the seeds tried. At H = 1, 3e-3
+# stalled one expert in three and 1e-3 none, and the small student needs its own 1e-2 there
+# (README, "Beyond horizon"). So H <= 2 keeps every size's own lr; above, every run (expert,
+# base, SFT, online, both sizes) takes 3e-3. The warm-start base takes the expert's step
+# budget, so that a realizable student is trained as long as its expert was.
+# --train-args come after the recipe and override it.
+def horizon_recipe(h):
+    lr = [] if h <= 2 else ["--expert-lr", "3e-3", "--lr", "3e-3"]
+    return ["--expert-steps", "6000", "--base-steps", "6000", "--eval-every", "250", *lr]
 
 
 def horizon(a, train_args):
     """Reward vs horizon H on the pointer task (data.py): the prompt is fixed at max(H) digits
     (at least 10), the answer a sign and H digits; then, for the realizable student's offline
     SFT at the longest H, where its errors start, against the expert's (error accumulation).
-    Every run takes HORIZON_RECIPE, then --train-args (which can override it)."""
+    Every run takes horizon_recipe(H), then --train-args (which can override it)."""
     expert_size, *small = a.sizes.split(",")
     sizes, hs = [expert_size, *small], [int(h) for h in a.horizons.split(",")]
     digits = max(10, *hs)
     runs = {(h, s): (os.path.join(a.out_dir, f"H{h}", f"seed{s}"),
                      ["--seed", str(s), "--task", "pointer", "--digits", str(digits), "--answer-len", str(h),
-                      *HORIZON_RECIPE, *train_args])
+                      *horizon_recipe(h), *train_args])
             for h in hs for s in range(a.seeds)}
     report = Report(f"pointer: reward vs horizon H, {a.seeds} seed(s)")
     wall = run_jobs(grid_jobs(list(runs.values()), "pointer", expert_size, sizes, GRID), a.jobs)
@@ -316,7 +319,7 @@ def horizon(a, train_args):
                      " ".join(f"{x:.3f}" for x in hazard))
     for h in hs:
         report.add(f"claims at H={h}, each a count over the {a.seeds} seed(s)", claim_counts(res[h], expert_size, small))
-    report.add("recipe (every run; --train-args after it)", [" ".join(HORIZON_RECIPE + train_args)])
+    report.add("recipe (every run; --train-args after it)", [f"H={h}: " + " ".join(horizon_recipe(h) + train_args) for h in hs])
     report.add(f"where the errors start at H={H} (sampled at temperature 1, held-out prompts of {a.seeds} seed(s))",
                lines)
     report.write(a.out_dir)

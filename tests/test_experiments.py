@@ -140,11 +140,11 @@ def test_horizon_sweep_runs_end_to_end_and_train_args_override_its_recipe(tmp_pa
     with open(tmp_path / "H2" / "seed0" / "pointer" / "expert.result.json") as f:
         assert json.load(f)["n_prompts"] == 16
     steps = [json.loads(line)["step"] for line in open(tmp_path / "H2" / "seed0" / "pointer" / "expert.metrics.jsonl")]
-    assert max(steps) == 4  # --train-args came after HORIZON_RECIPE's 6000 steps, and won
+    assert max(steps) == 4  # --train-args came after the recipe's 6000 steps, and won
     for log in ("expert-small.log", "base-tiny.log", "online_(γ=1)-tiny.log"):  # what each run was given
         with open(tmp_path / "H2" / "seed0" / "logs" / log) as f:
             cfg = json.loads(next(line for line in f if line.startswith("config: "))[len("config: "):])
-        assert (cfg["expert_lr"], cfg["lr"], cfg["eval_every"]) == (0.003, 0.003, 1)  # the recipe's, the override's
+        assert (cfg["expert_lr"], cfg["lr"], cfg["eval_every"]) == (0.0, 0.0, 1)  # the sizes' own lr at H=2; the override's
         assert (cfg["task"], cfg["digits"], cfg["answer_len"], cfg["expert_steps"]) == ("pointer", 10, 2, 4)
     report = (tmp_path / "report.md").read_text()
     assert "pointer (16 digits" not in report and "pointer (10 digits), student small (realizable)" in report
