@@ -6,8 +6,9 @@
     python eval.py --horizon --seeds 3     # reward vs horizon H on the pointer task
     python eval.py --toy                   # the exact H=1 projections
 
-A finished job leaves <run>.result.json; a rerun skips it, so an interrupted experiment
-continues where it stopped (and a grid's runs can be shared with the ablation).
+A finished job leaves <run>.result.json with its settings; a rerun skips it (and refuses one
+made with other settings), so an interrupted experiment continues where it stopped (and a
+grid's runs can be shared with the ablation).
 """
 import json
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 
 import torch
 
@@ -48,13 +50,15 @@ ABLATION = [EXPERT, BASE, SFT, online("online γ=1"), online("online γ=0.5", "-
 def run_jobs(jobs, parallel):
     """Run train.py jobs, `parallel` at a time. jobs: (key, argv, log_path, keys it waits for,
     result file), listed dependencies first, so a worker only waits on a job already running.
-    A job whose result file exists is skipped. One progress line per job, with a rough ETA."""
+    A job whose result file exists, made with the same settings, is skipped (check_done). One
+    progress line per job, with a rough ETA."""
     futures, t0, done = {}, time.time(), []
 
     def one(key, argv, log, deps, done_file):
         for d in deps:
             futures[d].result()
-        if os.path.exists(done_file):  # finished earlier (a rerun, or a shared run): keep it
+        if os.path.exists(done_file):  # finished earlier (a rerun, or a shared run): keep it, if it is this job
+            check_done(done_file, argv)
             print(f"[{time.time() - t0:5.0f}s] already done: {' '.join(map(str, key))}", flush=True)
             return
         os.makedirs(os.path.dirname(log), exist_ok=True)
@@ -74,6 +78,19 @@ def run_jobs(jobs, parallel):
         for f in futures.values():
             f.result()
     return time.time() - t0
+
+
+def check_done(done_file, argv):
+    """A finished run is reused only if train.py was given these very settings: an out-dir left
+    by another recipe (other steps, lr, sizes) is an error, never silently mixed in."""
+    from train import parse_args
+    with open(done_file) as f:
+        made = json.load(f).get("config")
+    want = asdict(parse_args(["--threads", "1", *argv]))
+    if made != want:
+        what = (", ".join(f"--{k.replace('_', '-')} {made[k]} (this run: {want[k]})" for k in want if made.get(k) != want[k])
+                if made else "settings not recorded (an older version)")
+        raise UsageError(f"{done_file} is a finished run with other settings: {what}; give another --out-dir")
 
 
 def grid_jobs(runs, task, expert_size, student_sizes, methods):

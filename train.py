@@ -282,7 +282,7 @@ def main(argv=None):
         result = evaluation.evaluate(model, expert, env["tok"], env["task"], env["held_out"], seed=cfg.seed)
         # the grid's "done" marker: written whole or not at all
         write_atomic(os.path.join(env["dir"], f"{name}.result.json"),
-                     json.dumps(dict(name=name, n_params=model.n_params(), **result)))
+                     json.dumps(dict(name=name, n_params=model.n_params(), **result, config=asdict(cfg))))
         print(evaluation.describe(f"{name} ({model.n_params():,} params) on {cfg.task}", result, len(env["held_out"])))
         curve = evaluation.reward_curve([os.path.join(env["dir"], f"{name}.metrics.jsonl")])
         if curve:  # the run's held-out reward checks as a text plot, 0 (blank) to 1 (full block)

@@ -150,3 +150,17 @@ def test_horizon_sweep_runs_end_to_end_and_train_args_override_its_recipe(tmp_pa
     assert "pointer (16 digits" not in report and "pointer (10 digits), student small (realizable)" in report
     assert "where the errors start at H=2" in report and "rate per position" in report
     assert "claims at H=2" in report and "expert reaches >= 0.95" in report
+
+
+def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
+    from dataclasses import asdict
+    from errors import UsageError
+    argv = ["--mode", "sft", "--seed", "1", "--expert-steps", "6000"]
+    done = tmp_path / "sft-small.result.json"
+    done.write_text(json.dumps(dict(reward=1.0, config=asdict(parse_args(["--threads", "1", *argv])))))
+    experiments.check_done(str(done), argv)  # the same settings: reused
+    with pytest.raises(UsageError, match=r"--expert-steps 6000 \(this run: 1500\)"):
+        experiments.check_done(str(done), argv[:-2])
+    done.write_text(json.dumps(dict(reward=1.0)))  # written before settings were recorded
+    with pytest.raises(UsageError, match="settings not recorded"):
+        experiments.check_done(str(done), argv)
