@@ -149,7 +149,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--jobs", type=int, default=2, help="training runs in parallel")
     p.add_argument("--task", default="mirror", choices=("mirror", "pointer", "countdown"), help="task (grid, ablation)")
-    p.add_argument("--sizes", default="medium,small", help="the expert's size, then the misspecified size(s)")
+    p.add_argument("--sizes", default="", help="the expert's size, then the misspecified size(s) (default: medium,small; "
+                   "countdown 4x64x4,small)")
     p.add_argument("--horizons", default="1,16", help="horizon: the values of H (each one adds a full grid per seed)")
     p.add_argument("--out-dir", default="", help="where runs go (default out/<experiment>)")
     p.add_argument("--train-args", default="", help="extra flags for every train.py run, quoted")
@@ -163,6 +164,9 @@ def main(argv=None):
         p.error("choose one of --grid, --ablation, --horizon")
     if a.seeds < 1 or a.jobs < 1:
         p.error("--seeds and --jobs must be >= 1")
+    if not a.sizes:
+        from experiments import task_recipe
+        a.sizes = task_recipe("pointer" if experiments == ["horizon"] else a.task)[0]
     if not all(a.sizes.split(",")) or ("ablation" in experiments and len(a.sizes.split(",")) < 2):
         p.error(f"--sizes {a.sizes!r}: give the expert's size, then the student size(s), e.g. medium,small")
     if not all(h.isdigit() and int(h) >= 1 for h in a.horizons.split(",")):
@@ -180,7 +184,7 @@ def main(argv=None):
         import experiments as run
         run.run_toy(a.out_dir or os.path.join("out", "toy"))
     elif a.checkpoint:
-        from data import Tokenizer, eval_prompts, make_task
+        from data import eval_prompts, make_task, task_tokenizer
         from model import fingerprint, load_checkpoint
         model, ck = load_checkpoint(a.checkpoint)
         if not {"task", "tokenizer", "config", "seed", "name"} <= set(ck):
@@ -190,8 +194,8 @@ def main(argv=None):
         if ck["name"] != "expert" and ck.get("expert") != fingerprint(expert):  # a retrained or another expert
             raise UsageError(f"{expert_path} (fingerprint {fingerprint(expert)}) is not the expert {a.checkpoint} "
                              f"was trained against ({ck.get('expert') or 'none recorded'}); name that one with --expert")
-        tok = Tokenizer()
         task = make_task(ck["task"]["name"], **{k: v for k, v in ck["task"].items() if k != "name"})
+        tok = task_tokenizer(task)
         from runtime import seed_for
         prompts = eval_prompts(task, ck["config"]["eval_prompts"], seed=seed_for(ck["seed"], "held-out"))
         print(describe(a.checkpoint, evaluate(model, expert, tok, task, prompts, seed=ck["seed"]), len(prompts)))

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import eval as eval_module
 import experiments
@@ -164,3 +165,26 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
     done.write_text(json.dumps(dict(reward=1.0)))  # written before settings were recorded
     with pytest.raises(UsageError, match="settings not recorded"):
         experiments.check_done(str(done), argv)
+
+
+def test_countdown_grid_takes_its_recipe_and_number_tokens(tmp_path):
+    """eval.py --grid --task countdown: the recipe (experiments.task_recipe) reaches every run,
+    --train-args override it, the bar for the expert is countdown's, and a checkpoint made with
+    number tokens evaluates on its own (eval.py rebuilds the task's tokenizer)."""
+    tiny = "--expert-steps 4 --base-steps 2 --steps 2 --batch-size 8 --eval-prompts 16 --log-every 1"
+    out = subprocess.run([sys.executable, "eval.py", "--grid", "--task", "countdown", "--seeds", "1", "--sizes",
+                          "tiny,tiny", "--out-dir", str(tmp_path), "--train-args", tiny],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for log in ("expert-tiny.log", "base-tiny.log", "online_(γ=0)-tiny.log"):
+        with open(tmp_path / "seed0" / "logs" / log) as f:
+            cfg = json.loads(next(line for line in f if line.startswith("config: "))[len("config: "):])
+        assert (cfg["task"], cfg["eval_every"], cfg["expert_steps"], cfg["base_steps"]) == ("countdown", 500, 4, 2)
+        assert (cfg["countdown_format"], cfg["number_tokens"]) == ("steps", True)
+    report = (tmp_path / "report.md").read_text()
+    assert "expert reaches >= 0.8" in report and "--expert-steps 12000" in report
+    ck = torch.load(tmp_path / "seed0" / "countdown" / "sft-tiny.pt", weights_only=False)
+    assert ck["tokenizer"].startswith("numbers:")
+    out = subprocess.run([sys.executable, "eval.py", str(tmp_path / "seed0" / "countdown" / "sft-tiny.pt")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "reward" in out.stdout, out.stderr[-2000:]
