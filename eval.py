@@ -68,6 +68,40 @@ def first_errors(task, prompts, texts):
     return counts
 
 
+def countdown_mistake(task, prompt, response):
+    """Where a written-steps countdown answer goes wrong, at its first fault: "right"; "format"
+    (not n-1 steps x op y=z); "operand" (a number not available); "plan" (a step chose
+    numbers and an operation from which the target cannot be reached, whatever it then wrote);
+    "arithmetic" (a wrong result while the target was still reachable)."""
+    from fractions import Fraction
+    from data import _STEP, countdown_step_solutions
+    if task.reward(prompt, response):
+        return "right"
+    nums, target = task.parse_prompt(prompt)
+    pool, steps = [Fraction(n) for n in nums], response.split(",")
+    if len(steps) != len(nums) - 1 or not all(_STEP.fullmatch(s) for s in steps):
+        return "format"
+    for s in steps:
+        if target not in countdown_step_solutions(tuple(sorted(int(v) for v in pool))):
+            return "plan"
+        x, op, y, z = _STEP.fullmatch(s).groups()
+        x, y, z = Fraction(x), Fraction(y), Fraction(z)
+        if x not in pool or (pool.remove(x) or y not in pool):
+            return "operand"
+        pool.remove(y)
+        if {"+": x + y, "-": x - y, "*": x * y, "/": x / y}[op] != z:
+            return "arithmetic"
+        pool.append(z)
+    return "plan"  # every step right, but the last one chose an operation that misses the target
+
+
+def countdown_mistakes(task, prompts, texts):
+    """The share of each kind of countdown_mistake over the responses."""
+    kinds = ("right", "plan", "arithmetic", "operand", "format")
+    counts = [countdown_mistake(task, p, r) for p, r in zip(prompts, texts)]
+    return {k: counts.count(k) / len(counts) for k in kinds}
+
+
 @torch.no_grad()
 def follow_rates(model, tok, task, prompts, max_answers=8):
     """Per answer position (the end token last), the mean probability of each valid answer's
@@ -199,6 +233,10 @@ def main(argv=None):
         from runtime import seed_for
         prompts = eval_prompts(task, ck["config"]["eval_prompts"], seed=seed_for(ck["seed"], "held-out"))
         print(describe(a.checkpoint, evaluate(model, expert, tok, task, prompts, seed=ck["seed"]), len(prompts)))
+        if task.name == "countdown" and task.format == "steps":  # where its answers go wrong
+            _, texts = sample_texts(model, tok, task, prompts, 1.0, ck["seed"], next(model.parameters()).device)
+            print(f"  mistakes (temperature 1, {len(prompts)} prompts): " +
+                  " | ".join(f"{k} {v:.3f}" for k, v in countdown_mistakes(task, prompts, texts).items()))
     else:
         p.error("give a checkpoint, or one of --grid, --ablation, --horizon, --toy")
 

@@ -187,4 +187,18 @@ def test_countdown_grid_takes_its_recipe_and_number_tokens(tmp_path):
     assert ck["tokenizer"].startswith("numbers:")
     out = subprocess.run([sys.executable, "eval.py", str(tmp_path / "seed0" / "countdown" / "sft-tiny.pt")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "reward" in out.stdout, out.stderr[-2000:]
+    assert out.returncode == 0 and "reward" in out.stdout and "mistakes (temperature 1" in out.stdout, out.stderr[-2000:]
+
+
+def test_countdown_mistakes_by_hand():
+    """Each kind of mistake at its first fault, on hand-made answers to 3,7,25;54=."""
+    from data import CountdownTask
+    task, p = CountdownTask(), "3,7,25;54="
+    cases = {"25-7=18,18*3=54": "right", "7-25=18,18*3=54": "arithmetic", "25-7=17,17*3=54": "arithmetic",
+             "25-7=18,18*3=55": "arithmetic", "25+7=32,32+3=54": "plan", "25-7=18,18+3=21": "plan",
+             "25-7=18,18*2=54": "operand", "25-8=17,17*3=54": "operand", "25-7=18": "format", "": "format",
+             "(25-7)*3": "format", "25-7=18,18*3=54,1+1=2": "format"}
+    for answer, kind in cases.items():
+        assert eval_module.countdown_mistake(task, p, answer) == kind, answer
+    shares = eval_module.countdown_mistakes(task, [p] * 4, ["25-7=18,18*3=54", "25+7=32,32+3=54", "", ""])
+    assert shares == dict(right=0.25, plan=0.25, arithmetic=0.0, operand=0.0, format=0.5)
