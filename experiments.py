@@ -102,6 +102,10 @@ def grid_jobs(runs, task, expert_size, student_sizes, methods):
             for size in student_sizes if label != "expert" else [expert_size]:
                 deps = [] if label == "expert" else [(d, "expert", expert_size)]
                 deps += [(d, "base", size)] if label not in ("expert", "base") else []
+                if label in ("base", "offline SFT") and size != student_sizes[0]:
+                    # every size learns from the same cached expert samples: the first size's run
+                    # samples them, the others wait for it and reuse them (not sample them again)
+                    deps.append((d, label, student_sizes[0]))
                 log = os.path.join(d, "logs", f"{label}-{size}.log".replace(" ", "_"))
                 # the quality gate is off inside an experiment: a seed whose expert did not converge is
                 # counted and named in the claims table, not a stop (--train-args can turn it back on)

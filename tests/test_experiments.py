@@ -48,6 +48,9 @@ def test_grid_jobs_come_after_their_dependencies():
         assert done_file.startswith(os.path.join(key[0], "mirror"))
         seen.add(key)
     assert len(jobs) == 2 * (1 + 2 * 4)
+    deps = {key: set(d) for key, _, _, d, _ in jobs}
+    for label in ("base", "offline SFT"):  # the second size reuses the expert samples the first one drew
+        assert ("d0", label, "medium") in deps[("d0", label, "small")]
 
 
 def test_horizon_task_has_two_answers_at_every_h():
