@@ -97,9 +97,9 @@ def grid_jobs(runs, task, expert_size, student_sizes, methods):
     """runs: (run dir, train.py flags) per seed/setting. Experts first, then student bases,
     then the methods, so that every job's dependencies were submitted before it."""
     jobs = []
-    for label, flags, name in methods:
-        for d, args in runs:
-            for size in student_sizes if label != "expert" else [expert_size]:
+    for label, flags, name in methods:  # sizes outer, seeds inner: the seeds' bases of one size run side by side
+        for size in student_sizes if label != "expert" else [expert_size]:
+            for d, args in runs:
                 deps = [] if label == "expert" else [(d, "expert", expert_size)]
                 deps += [(d, "base", size)] if label not in ("expert", "base") else []
                 if label in ("base", "offline SFT") and size != student_sizes[0]:
