@@ -287,7 +287,8 @@ def countdown_step_solutions(nums):
 
 
 # one written step: positive integers without leading zeros ([0-9] is ASCII only, unlike \d)
-_STEP = re.compile(r"([1-9][0-9]*)([-+*/])([1-9][0-9]*)=([1-9][0-9]*)")
+# (at most 20 digits: enough for any answer the task allows, and Fraction never meets a huge number)
+_STEP = re.compile(r"([1-9][0-9]{0,19})([-+*/])([1-9][0-9]{0,19})=([1-9][0-9]{0,19})")
 
 
 def check_steps(nums, target, text):
@@ -379,6 +380,9 @@ class CountdownTask:
             raise UsageError("countdown needs 2-4 numbers and positive ranges")
         if self.format not in ("steps", "expression"):
             raise UsageError(f"countdown format must be steps or expression, not {self.format!r}")
+        if self.max_response_len > self.max_answer_chars:  # the ground truth must fit what the verifier reads
+            raise UsageError(f"countdown answers of these numbers run to {self.max_response_len} characters, more than "
+                             f"the verifier's {self.max_answer_chars}: use fewer or smaller numbers")
 
     @property
     def max_prompt_len(self):

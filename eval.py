@@ -20,6 +20,7 @@ Metrics (held-out prompts, disjoint from training prompts):
 import json
 import os
 import sys
+from dataclasses import asdict
 
 import torch
 
@@ -69,30 +70,35 @@ def first_errors(task, prompts, texts):
 
 
 def countdown_mistake(task, prompt, response):
-    """Where a written-steps countdown answer goes wrong, at its first fault: "right"; "format"
-    (not n-1 steps x op y=z); "operand" (a number not available); "plan" (a step chose
-    numbers and an operation from which the target cannot be reached, whatever it then wrote);
-    "arithmetic" (a wrong result while the target was still reachable)."""
+    """Where a written-steps countdown answer goes wrong, at its first faulty step: "right";
+    "format" (not a step x op y=z, a step too many or too few, or longer than the verifier
+    reads); "operand" (a number not available); "plan" (the step's operation, computed
+    correctly, leaves the target out of reach, or is not allowed: a negative or fractional
+    result; whatever the step then wrote); "arithmetic" (a wrong result for a step from which
+    the target could still be reached)."""
     from fractions import Fraction
     from data import _STEP, countdown_step_solutions
     if task.reward(prompt, response):
         return "right"
+    if not isinstance(response, str) or not 0 < len(response) <= task.max_answer_chars:
+        return "format"
     nums, target = task.parse_prompt(prompt)
     pool, steps = [Fraction(n) for n in nums], response.split(",")
-    if len(steps) != len(nums) - 1 or not all(_STEP.fullmatch(s) for s in steps):
-        return "format"
-    for s in steps:
-        if target not in countdown_step_solutions(tuple(sorted(int(v) for v in pool))):
-            return "plan"
-        x, op, y, z = _STEP.fullmatch(s).groups()
-        x, y, z = Fraction(x), Fraction(y), Fraction(z)
+    for k, step in enumerate(steps):
+        m = _STEP.fullmatch(step)
+        if m is None or k >= len(nums) - 1:
+            return "format"
+        x, op, y, z = Fraction(m[1]), m[2], Fraction(m[3]), Fraction(m[4])
         if x not in pool or (pool.remove(x) or y not in pool):
             return "operand"
         pool.remove(y)
-        if {"+": x + y, "-": x - y, "*": x * y, "/": x / y}[op] != z:
+        r = {"+": x + y, "-": x - y, "*": x * y, "/": x / y}[op]  # what the step should have written
+        if r <= 0 or r.denominator != 1 or target not in countdown_step_solutions(tuple(sorted(map(int, pool + [r])))):
+            return "plan"
+        if z != r:
             return "arithmetic"
         pool.append(z)
-    return "plan"  # every step right, but the last one chose an operation that misses the target
+    return "format"  # every step right and the target reached: too few steps
 
 
 def countdown_mistakes(task, prompts, texts):
@@ -201,8 +207,9 @@ def main(argv=None):
     if not a.sizes:
         from experiments import task_recipe
         a.sizes = task_recipe("pointer" if experiments == ["horizon"] else a.task)[0]
-    if not all(a.sizes.split(",")) or ("ablation" in experiments and len(a.sizes.split(",")) < 2):
-        p.error(f"--sizes {a.sizes!r}: give the expert's size, then the student size(s), e.g. medium,small")
+    sizes = a.sizes.split(",")
+    if not all(sizes) or len(set(sizes)) < len(sizes) or ("ablation" in experiments and len(sizes) < 2):
+        p.error(f"--sizes {a.sizes!r}: give the expert's size, then the other student size(s), each once, e.g. medium,small")
     if not all(h.isdigit() and int(h) >= 1 for h in a.horizons.split(",")):
         p.error(f"--horizons {a.horizons!r}: give answer lengths H >= 1, e.g. 1,2,4,8")
     if a.quick:
@@ -230,6 +237,9 @@ def main(argv=None):
                              f"was trained against ({ck.get('expert') or 'none recorded'}); name that one with --expert")
         task = make_task(ck["task"]["name"], **{k: v for k, v in ck["task"].items() if k != "name"})
         tok = task_tokenizer(task)
+        if tok.identity != ck["tokenizer"] or asdict(task) != ck["task"]:  # e.g. countdown before number tokens
+            raise UsageError(f"{a.checkpoint} was made by an older version of the task or tokenizer "
+                             f"({ck['tokenizer'][:8]}..., {ck['task']}); train it again")
         from runtime import seed_for
         prompts = eval_prompts(task, ck["config"]["eval_prompts"], seed=seed_for(ck["seed"], "held-out"))
         print(describe(a.checkpoint, evaluate(model, expert, tok, task, prompts, seed=ck["seed"]), len(prompts)))

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import torch
 
@@ -83,12 +83,15 @@ def run_jobs(jobs, parallel):
 def check_done(done_file, argv):
     """A finished run is reused only if train.py was given these very settings: an out-dir left
     by another recipe (other steps, lr, sizes) is an error, never silently mixed in."""
-    from train import parse_args
+    from train import Config, parse_args
     with open(done_file) as f:
         made = json.load(f).get("config")
     want = asdict(parse_args(["--threads", "1", *argv]))
+    if made and want["task"] != "countdown":  # a countdown-only flag added since the run was made changes nothing else
+        made = {**{f.name: want[f.name] for f in fields(Config) if f.metadata["help"].startswith("countdown:")}, **made}
     if made != want:
-        what = (", ".join(f"--{k.replace('_', '-')} {made[k]} (this run: {want[k]})" for k in want if made.get(k) != want[k])
+        what = (", ".join(f"--{k.replace('_', '-')} {made.get(k, '(not recorded)')} (this run: {want[k]})"
+                          for k in want if made.get(k) != want[k])
                 if made else "settings not recorded (an older version)")
         raise UsageError(f"{done_file} is a finished run with other settings: {what}; give another --out-dir")
 
@@ -283,7 +286,7 @@ def grid(a, train_args):
     report.add(f"claims, each a count over the {a.seeds} seeds", claim_counts(res, expert_size, small, bar))
     if recipe:
         report.add("recipe (every run; --train-args after it)", [" ".join(train_args)])
-    report.add("follow: per answer position (sign, digits, end), the probability of the right next token after "
+    report.add("follow: per answer token (end token last), the probability of the right next token after "
                "a correct prefix, mean over seeds (about 1/2: cannot tell the two modes apart there)",
                [f"{size:<7} {label:<13} " + " ".join(f"{v:.2f}" for v in mean_follow(res[(label, size)]))
                 for size in sizes for label, _, _ in GRID if (label, size) in res and not (label == "expert" and size != expert_size)])
