@@ -29,14 +29,29 @@ pointer (the horizon task): the prompt is n >= 10 random digits and '='; the ans
     the student can never write a "-" answer and is misspecified at every H, H=1 included.
     --no-sign with H=1: the answer is one digit, d_0 or d[d_0], with nothing before it: the
     single-token case of the paper's H=1 bottleneck.
-countdown (the paper's task): given n numbers and a target, write an expression with
-    + - * / and parentheses that uses every given number exactly once and equals the target.
-    Ground truth is every such expression (minimal parentheses), found by exhaustive search.
+countdown (the paper's task): given n numbers and a target, reach the target with + - * /,
+    using every given number exactly once. Two answer formats (a task field, so checkpoints
+    record it):
+    steps (default): the computation written out, one operation per step, as in the Countdown
+        game: ``3,7,25;54= -> 25-7=18,18*3=54``. Each step combines two numbers still
+        available (given, or an earlier step's result) into a positive integer (the game's
+        rule: no negative or fractional intermediates); every given number and every
+        intermediate result is used exactly once; the last result is the target. Each
+        operation's result is written before it is used, so the model does one operation at a
+        time instead of evaluating a whole expression in its head.
+    expression: one expression with parentheses, ``3,7,25;54= -> (25-7)*3``.
+    Ground truth is every valid answer of the format, found by exhaustive search. With three
+    numbers both formats reach the same targets (every fractional or negative intermediate can
+    be reordered away; tests/test_data.py checks it), so their prompts are the same.
+    Countdown is tokenized with one token per number (Tokenizer(numbers=True), number_tokens),
+    so `25-7=18` is five tokens and an operation is a lookup on whole numbers, not carries
+    across digit tokens (measured in README, "Countdown"; --no-number-tokens for digits).
 
 The verifiers parse untrusted model text with exact rational arithmetic; nothing the model
 writes ever reaches eval/exec. Any malformed answer scores 0, never an exception.
 """
 import itertools
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -52,24 +67,31 @@ BOS, END, PAD = "<|bos|>", "<|end|>", "<|pad|>"
 
 
 class Tokenizer:
-    """One token per character, as a tiktoken.Encoding built from ranks defined here
-    (tiktoken's named encodings are downloaded files; this one needs nothing)."""
+    """A tiktoken.Encoding built from ranks defined here (tiktoken's named encodings are
+    downloaded files; this one needs nothing). One token per character, or with numbers=True
+    one token per number below 1000, as GPT-4's tokenizer splits digits into runs of up to
+    three: countdown's arithmetic is then a lookup on whole numbers, not carries across digit
+    tokens (README, "Countdown")."""
 
-    def __init__(self, alphabet=ALPHABET):
-        self.alphabet = alphabet
+    def __init__(self, alphabet=ALPHABET, numbers=False):
+        self.alphabet, self.chars = alphabet, set(alphabet)
         ranks = {c.encode(): i for i, c in enumerate(alphabet)}
-        specials = {BOS: len(alphabet), END: len(alphabet) + 1, PAD: len(alphabet) + 2}
-        # pat_str splits text into single characters, so each one is looked up directly.
-        self.enc = tiktoken.Encoding(name="chars", pat_str=r"[\s\S]", mergeable_ranks=ranks,
-                                     special_tokens=specials)
+        if numbers:  # 10..999 as single tokens; "1234" is 123 4, "091" is 0 91 (BPE merges)
+            ranks.update({str(n).encode(): len(alphabet) + n - 10 for n in range(10, 1000)})
+        n = len(ranks)
+        specials = {BOS: n, END: n + 1, PAD: n + 2}
+        # pat_str cuts text into single characters (and runs of up to 3 digits with numbers),
+        # each piece then a whole token, looked up directly.
+        self.enc = tiktoken.Encoding(name="chars", pat_str=r"[0-9]{1,3}|[\s\S]" if numbers else r"[\s\S]",
+                                     mergeable_ranks=ranks, special_tokens=specials)
         self.bos, self.end, self.pad = specials[BOS], specials[END], specials[PAD]
-        self.vocab_size = len(alphabet) + 3
-        self.identity = f"chars:{alphabet}"  # stored in checkpoints, checked on load
+        self.vocab_size = n + 3
+        self.identity = f"{'numbers' if numbers else 'chars'}:{alphabet}"  # stored in checkpoints, checked on load
 
     def encode(self, text):
-        for c in text:
-            if c not in self.alphabet:
-                raise ValueError(f"character {c!r} is not in the task alphabet {self.alphabet!r}")
+        if not set(text) <= self.chars:
+            c = next(c for c in text if c not in self.chars)
+            raise ValueError(f"character {c!r} is not in the task alphabet {self.alphabet!r}")
         return self.enc.encode_ordinary(text)
 
     def decode(self, ids):
@@ -236,9 +258,59 @@ def countdown_solutions(nums):
 
 
 @lru_cache(maxsize=65536)
-def _targets(nums, max_target):
+def _targets(nums, max_target, fmt):
     """The reachable integer targets in 1..max_target, sorted (cached: prompts repeat them)."""
-    return tuple(int(v) for v in sorted(countdown_solutions(nums)) if v.denominator == 1 and 1 <= v <= max_target)
+    solutions = countdown_step_solutions if fmt == "steps" else countdown_solutions
+    return tuple(int(v) for v in sorted(solutions(nums)) if v.denominator == 1 and 1 <= v <= max_target)
+
+
+@lru_cache(maxsize=4096)
+def countdown_step_solutions(nums):
+    """{value: sorted distinct written-step answers} using every number exactly once. A step
+    takes two numbers still available (either order), the result must be a positive integer
+    and joins the available numbers; the last result is the value."""
+    by_value = {}
+
+    def search(pool, steps):
+        if len(pool) == 1:
+            by_value.setdefault(pool[0], set()).add(",".join(steps))
+            return
+        for i, j in itertools.permutations(range(len(pool)), 2):
+            x, y = pool[i], pool[j]
+            rest = [v for k, v in enumerate(pool) if k not in (i, j)]
+            for op, z in (("+", x + y), ("-", x - y), ("*", x * y), ("/", x // y if x % y == 0 else 0)):
+                if z > 0:
+                    search(rest + [z], steps + [f"{x}{op}{y}={z}"])
+
+    search(list(nums), [])
+    return {v: sorted(t) for v, t in by_value.items()}
+
+
+# one written step: positive integers without leading zeros ([0-9] is ASCII only, unlike \d)
+# (at most 20 digits: enough for any answer the task allows, and Fraction never meets a huge number)
+_STEP = re.compile(r"([1-9][0-9]{0,19})([-+*/])([1-9][0-9]{0,19})=([1-9][0-9]{0,19})")
+
+
+def check_steps(nums, target, text):
+    """Is `text` a valid written-steps answer? Each step's arithmetic is checked exactly
+    (Fractions: 7/2=3 is wrong, not rounded), its operands must still be available, and the
+    number of steps is fixed (n-1), so every given number and every result is used once."""
+    pool, steps = list(nums), text.split(",")
+    if len(steps) != len(nums) - 1:
+        return False
+    for step in steps:
+        m = _STEP.fullmatch(step)
+        if m is None:
+            return False
+        x, op, y, z = Fraction(m[1]), m[2], Fraction(m[3]), Fraction(m[4])
+        for v in (x, y):  # a number used twice, or one never given or computed, is not in the pool
+            if v not in pool:
+                return False
+            pool.remove(v)
+        if {"+": x + y, "-": x - y, "*": x * y, "/": x / y}[op] != z:  # y >= 1: no division by zero
+            return False
+        pool.append(z)
+    return z == target
 
 
 class _Parser:
@@ -294,30 +366,44 @@ class _Parser:
 
 @dataclass
 class CountdownTask:
-    """Countdown: numbers;target= -> expression using each number exactly once."""
+    """Countdown: numbers;target= -> written steps (or one expression) using each number once."""
     n_numbers: int = 3
     max_number: int = 20
     max_target: int = 100
     name: str = "countdown"
     max_answer_chars: int = 64  # longer answers score 0 (and keep parsing cheap)
+    format: str = "steps"  # steps | expression (module docstring)
+    number_tokens: bool = True  # one token per number (Tokenizer), or one per character
 
     def __post_init__(self):
         if self.n_numbers not in (2, 3, 4) or self.max_number < 1 or self.max_target < 1:
             raise UsageError("countdown needs 2-4 numbers and positive ranges")
+        if self.format not in ("steps", "expression"):
+            raise UsageError(f"countdown format must be steps or expression, not {self.format!r}")
+        if self.max_response_len > self.max_answer_chars:  # the ground truth must fit what the verifier reads
+            raise UsageError(f"countdown answers of these numbers run to {self.max_response_len} characters, more than "
+                             f"the verifier's {self.max_answer_chars}: use fewer or smaller numbers")
 
     @property
     def max_prompt_len(self):
         return self.n_numbers * (len(str(self.max_number)) + 1) + len(str(self.max_target)) + 1
 
     @property
-    def max_response_len(self):  # every number, n-1 operators, and parentheses
+    def max_response_len(self):
         k = self.n_numbers
-        return k * len(str(self.max_number)) + (k - 1) + 2 * (k - 2)
+        if self.format == "steps":  # k-1 steps "x*y=z" and commas; no result exceeds a product of k-1 numbers
+            d = len(str(max(self.max_number ** (k - 1), self.max_target)))
+            return (k - 1) * (3 * d + 2) + (k - 2)
+        return k * len(str(self.max_number)) + (k - 1) + 2 * (k - 2)  # numbers, operators, parentheses
+
+    def solutions(self, nums):
+        """{value: every valid answer of this format} for a sorted tuple of numbers."""
+        return (countdown_step_solutions if self.format == "steps" else countdown_solutions)(nums)
 
     def sample_prompt(self, g):
         while True:  # prompts with no solution in range are never generated
             nums = tuple(sorted(_randint(1, self.max_number, g) for _ in range(self.n_numbers)))
-            targets = _targets(nums, self.max_target)
+            targets = _targets(nums, self.max_target, self.format)
             if targets:
                 t = targets[_randint(0, len(targets) - 1, g)]
                 return ",".join(map(str, nums)) + f";{t}="
@@ -329,12 +415,14 @@ class CountdownTask:
 
     def answers(self, prompt):
         nums, target = self.parse_prompt(prompt)
-        return countdown_solutions(tuple(sorted(nums))).get(Fraction(target), [])
+        return self.solutions(tuple(sorted(nums))).get(target, [])
 
     def reward(self, prompt, response):
         nums, target = self.parse_prompt(prompt)
         if not isinstance(response, str) or not 0 < len(response) <= self.max_answer_chars:
             return 0.0
+        if self.format == "steps":
+            return float(check_steps(nums, target, response))
         parser = _Parser(response)
         try:
             value = parser.parse()
@@ -344,6 +432,11 @@ class CountdownTask:
 
 
 TASKS = {"mirror": MirrorTask, "pointer": PointerTask, "countdown": CountdownTask}
+
+
+def task_tokenizer(task):
+    """The tokenizer a task's checkpoints use: whole numbers for countdown (number_tokens)."""
+    return Tokenizer(numbers=getattr(task, "number_tokens", False))
 
 
 def make_task(name, **kwargs):

@@ -20,6 +20,7 @@ Metrics (held-out prompts, disjoint from training prompts):
 import json
 import os
 import sys
+from dataclasses import asdict
 
 import torch
 
@@ -66,6 +67,45 @@ def first_errors(task, prompts, texts):
                       for a in task.answers(p))
             counts[min(lcp, task.max_response_len)] += 1
     return counts
+
+
+def countdown_mistake(task, prompt, response):
+    """Where a written-steps countdown answer goes wrong, at its first faulty step: "right";
+    "format" (not a step x op y=z, a step too many or too few, or longer than the verifier
+    reads); "operand" (a number not available); "plan" (the step's operation, computed
+    correctly, leaves the target out of reach, or is not allowed: a negative or fractional
+    result; whatever the step then wrote); "arithmetic" (a wrong result for a step from which
+    the target could still be reached)."""
+    from fractions import Fraction
+    from data import _STEP, countdown_step_solutions
+    if task.reward(prompt, response):
+        return "right"
+    if not isinstance(response, str) or not 0 < len(response) <= task.max_answer_chars:
+        return "format"
+    nums, target = task.parse_prompt(prompt)
+    pool, steps = [Fraction(n) for n in nums], response.split(",")
+    for k, step in enumerate(steps):
+        m = _STEP.fullmatch(step)
+        if m is None or k >= len(nums) - 1:
+            return "format"
+        x, op, y, z = Fraction(m[1]), m[2], Fraction(m[3]), Fraction(m[4])
+        if x not in pool or (pool.remove(x) or y not in pool):
+            return "operand"
+        pool.remove(y)
+        r = {"+": x + y, "-": x - y, "*": x * y, "/": x / y}[op]  # what the step should have written
+        if r <= 0 or r.denominator != 1 or target not in countdown_step_solutions(tuple(sorted(map(int, pool + [r])))):
+            return "plan"
+        if z != r:
+            return "arithmetic"
+        pool.append(z)
+    return "format"  # every step right and the target reached: too few steps
+
+
+def countdown_mistakes(task, prompts, texts):
+    """The share of each kind of countdown_mistake over the responses."""
+    kinds = ("right", "plan", "arithmetic", "operand", "format")
+    counts = [countdown_mistake(task, p, r) for p, r in zip(prompts, texts)]
+    return {k: counts.count(k) / len(counts) for k in kinds}
 
 
 @torch.no_grad()
@@ -149,7 +189,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--jobs", type=int, default=2, help="training runs in parallel")
     p.add_argument("--task", default="mirror", choices=("mirror", "pointer", "countdown"), help="task (grid, ablation)")
-    p.add_argument("--sizes", default="medium,small", help="the expert's size, then the misspecified size(s)")
+    p.add_argument("--sizes", default="", help="the expert's size, then the misspecified size(s) (default: medium,small; "
+                   "countdown 4x64x4,small)")
     p.add_argument("--horizons", default="1,16", help="horizon: the values of H (each one adds a full grid per seed)")
     p.add_argument("--out-dir", default="", help="where runs go (default out/<experiment>)")
     p.add_argument("--train-args", default="", help="extra flags for every train.py run, quoted")
@@ -163,8 +204,12 @@ def main(argv=None):
         p.error("choose one of --grid, --ablation, --horizon")
     if a.seeds < 1 or a.jobs < 1:
         p.error("--seeds and --jobs must be >= 1")
-    if not all(a.sizes.split(",")) or ("ablation" in experiments and len(a.sizes.split(",")) < 2):
-        p.error(f"--sizes {a.sizes!r}: give the expert's size, then the student size(s), e.g. medium,small")
+    if not a.sizes:
+        from experiments import task_recipe
+        a.sizes = task_recipe("pointer" if experiments == ["horizon"] else a.task)[0]
+    sizes = a.sizes.split(",")
+    if not all(sizes) or len(set(sizes)) < len(sizes) or ("ablation" in experiments and len(sizes) < 2):
+        p.error(f"--sizes {a.sizes!r}: give the expert's size, then the other student size(s), each once, e.g. medium,small")
     if not all(h.isdigit() and int(h) >= 1 for h in a.horizons.split(",")):
         p.error(f"--horizons {a.horizons!r}: give answer lengths H >= 1, e.g. 1,2,4,8")
     if a.quick:
@@ -180,7 +225,7 @@ def main(argv=None):
         import experiments as run
         run.run_toy(a.out_dir or os.path.join("out", "toy"))
     elif a.checkpoint:
-        from data import Tokenizer, eval_prompts, make_task
+        from data import eval_prompts, make_task, task_tokenizer
         from model import fingerprint, load_checkpoint
         model, ck = load_checkpoint(a.checkpoint)
         if not {"task", "tokenizer", "config", "seed", "name"} <= set(ck):
@@ -190,11 +235,18 @@ def main(argv=None):
         if ck["name"] != "expert" and ck.get("expert") != fingerprint(expert):  # a retrained or another expert
             raise UsageError(f"{expert_path} (fingerprint {fingerprint(expert)}) is not the expert {a.checkpoint} "
                              f"was trained against ({ck.get('expert') or 'none recorded'}); name that one with --expert")
-        tok = Tokenizer()
         task = make_task(ck["task"]["name"], **{k: v for k, v in ck["task"].items() if k != "name"})
+        tok = task_tokenizer(task)
+        if tok.identity != ck["tokenizer"] or asdict(task) != ck["task"]:  # e.g. countdown before number tokens
+            raise UsageError(f"{a.checkpoint} was made by an older version of the task or tokenizer "
+                             f"({ck['tokenizer'][:8]}..., {ck['task']}); train it again")
         from runtime import seed_for
         prompts = eval_prompts(task, ck["config"]["eval_prompts"], seed=seed_for(ck["seed"], "held-out"))
         print(describe(a.checkpoint, evaluate(model, expert, tok, task, prompts, seed=ck["seed"]), len(prompts)))
+        if task.name == "countdown" and task.format == "steps":  # where its answers go wrong
+            _, texts = sample_texts(model, tok, task, prompts, 1.0, ck["seed"], next(model.parameters()).device)
+            print(f"  mistakes (temperature 1, {len(prompts)} prompts): " +
+                  " | ".join(f"{k} {v:.3f}" for k, v in countdown_mistakes(task, prompts, texts).items()))
     else:
         p.error("give a checkpoint, or one of --grid, --ablation, --horizon, --toy")
 

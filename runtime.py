@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 import eval as evaluation
 from errors import UsageError
-from data import PromptStream, Tokenizer, eval_prompts, make_task
+from data import PromptStream, eval_prompts, make_task, task_tokenizer
 from model import load_checkpoint, make_model, save_checkpoint
 
 
@@ -31,7 +31,8 @@ def build_task(cfg):
         return make_task("mirror", digits=cfg.digits or 5, answer_len=cfg.answer_len, sign=cfg.sign)
     if cfg.task == "pointer":
         return make_task("pointer", digits=cfg.digits or 10, answer_len=cfg.answer_len or 1, sign=cfg.sign)
-    return make_task("countdown", n_numbers=cfg.n_numbers, max_number=cfg.max_number, max_target=cfg.max_target)
+    return make_task("countdown", n_numbers=cfg.n_numbers, max_number=cfg.max_number, max_target=cfg.max_target,
+                     format=cfg.countdown_format, number_tokens=cfg.number_tokens)
 
 
 def seed_for(seed, role, rank=0):
@@ -55,7 +56,8 @@ def setup(cfg):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    tok, task = Tokenizer(), build_task(cfg)
+    task = build_task(cfg)
+    tok = task_tokenizer(task)
     out = os.path.join(cfg.out_dir, cfg.task)
     try:
         os.makedirs(out, exist_ok=True)

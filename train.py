@@ -48,6 +48,8 @@ class Config:
     n_numbers: int = opt(3, "countdown: how many numbers")
     max_number: int = opt(20, "countdown: numbers are drawn from 1..max_number")
     max_target: int = opt(100, "countdown: targets are in 1..max_target")
+    number_tokens: bool = opt(True, "countdown: one token per number below 1000 (off: one per character)")
+    countdown_format: str = opt("steps", "countdown: steps (written steps: 25-7=18,18*3=54) | expression ((25-7)*3)")
     expert_size: str = opt("medium", "size of the expert: a name in model.SIZES, or LxWxH")
     student_size: str = opt("small", "size of the student: medium is realizable, small misspecified")
     block_size: int = opt(0, "context length (0: just enough for the task's prompt and response)")
@@ -84,7 +86,7 @@ class Config:
 
 
 MODES = ("expert", "base", "sft", "onpolicy")
-CHOICES = dict(mode=MODES, task=("mirror", "pointer", "countdown"), device=("auto", "cpu", "cuda"), sft_loss=("ce", "forward_kl"), estimator=("full", "sampled"),
+CHOICES = dict(mode=MODES, task=("mirror", "pointer", "countdown"), countdown_format=("steps", "expression"), device=("auto", "cpu", "cuda"), sft_loss=("ce", "forward_kl"), estimator=("full", "sampled"),
                divergence=("reverse", "forward", "jsd"))
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import eval as eval_module
 import experiments
@@ -47,6 +48,9 @@ def test_grid_jobs_come_after_their_dependencies():
         assert done_file.startswith(os.path.join(key[0], "mirror"))
         seen.add(key)
     assert len(jobs) == 2 * (1 + 2 * 4)
+    deps = {key: set(d) for key, _, _, d, _ in jobs}
+    for label in ("base", "offline SFT"):  # the second size reuses the expert samples the first one drew
+        assert ("d0", label, "medium") in deps[("d0", label, "small")]
 
 
 def test_horizon_task_has_two_answers_at_every_h():
@@ -161,6 +165,62 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
     experiments.check_done(str(done), argv)  # the same settings: reused
     with pytest.raises(UsageError, match=r"--expert-steps 6000 \(this run: 1500\)"):
         experiments.check_done(str(done), argv[:-2])
+    old = asdict(parse_args(["--threads", "1", *argv]))
+    del old["number_tokens"], old["countdown_format"]  # a mirror run made before these countdown flags existed
+    done.write_text(json.dumps(dict(reward=1.0, config=old)))
+    experiments.check_done(str(done), argv)  # reused: they change nothing for mirror
+    with pytest.raises(UsageError, match=r"--number-tokens \(not recorded\) \(this run: True\)"):
+        experiments.check_done(str(done), [*argv, "--task", "countdown"])
     done.write_text(json.dumps(dict(reward=1.0)))  # written before settings were recorded
     with pytest.raises(UsageError, match="settings not recorded"):
         experiments.check_done(str(done), argv)
+
+
+def test_countdown_grid_takes_its_recipe_and_number_tokens(tmp_path):
+    """eval.py --grid --task countdown: the recipe (experiments.task_recipe) reaches every run,
+    --train-args override it, the bar for the expert is countdown's, and a checkpoint made with
+    number tokens evaluates on its own (eval.py rebuilds the task's tokenizer)."""
+    tiny = "--expert-steps 4 --base-steps 2 --steps 2 --batch-size 8 --eval-prompts 16 --log-every 1"
+    out = subprocess.run([sys.executable, "eval.py", "--grid", "--task", "countdown", "--seeds", "1", "--sizes",
+                          "small,tiny", "--out-dir", str(tmp_path), "--train-args", tiny],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for log in ("expert-small.log", "base-tiny.log", "online_(γ=0)-tiny.log"):
+        with open(tmp_path / "seed0" / "logs" / log) as f:
+            cfg = json.loads(next(line for line in f if line.startswith("config: "))[len("config: "):])
+        assert (cfg["task"], cfg["eval_every"], cfg["expert_steps"], cfg["base_steps"]) == ("countdown", 500, 4, 2)
+        assert (cfg["countdown_format"], cfg["number_tokens"]) == ("steps", True)
+    report = (tmp_path / "report.md").read_text()
+    assert "expert reaches >= 0.8" in report and "--expert-steps 12000" in report
+    ck = torch.load(tmp_path / "seed0" / "countdown" / "sft-tiny.pt", weights_only=False)
+    assert ck["tokenizer"].startswith("numbers:")
+    with open(tmp_path / "seed0" / "logs" / "base-tiny.log") as f:  # it reused the samples base-small drew
+        assert "expert responses" not in f.read()
+    out = subprocess.run([sys.executable, "eval.py", str(tmp_path / "seed0" / "countdown" / "sft-tiny.pt")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "reward" in out.stdout and "mistakes (temperature 1" in out.stdout, out.stderr[-2000:]
+    for name in ("sft-tiny", "expert"):  # as a student and its expert from before written steps and number tokens
+        ck = torch.load(tmp_path / "seed0" / "countdown" / f"{name}.pt", weights_only=False)
+        ck["tokenizer"] = "chars:0123456789+-*/()=,;"
+        ck["task"] = {k: v for k, v in ck["task"].items() if k not in ("format", "number_tokens")}
+        torch.save(ck, tmp_path / f"old-{name}.pt")
+    out = subprocess.run([sys.executable, "eval.py", str(tmp_path / "old-sft-tiny.pt"), "--expert",
+                          str(tmp_path / "old-expert.pt")], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and "older version" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_countdown_mistakes_by_hand():
+    """Each kind of mistake at its first fault, on hand-made answers to 3,7,25;54=."""
+    from data import CountdownTask
+    task, p = CountdownTask(), "3,7,25;54="
+    cases = {"25-7=18,18*3=54": "right", "25-7=17,17*3=54": "arithmetic", "25-7=18,18*3=55": "arithmetic",
+             "25-7=17,18*3=5x": "arithmetic",  # the first faulty step decides
+             "25+7=32,32+3=54": "plan", "25+7=33,33+3=36": "plan",  # out of reach, whatever the step wrote
+             "25-7=18,18+3=21": "plan", "7-25=18,18*3=54": "plan", "7/3=2,25*2=50": "plan",  # not allowed
+             "25-7=18,18*2=54": "operand", "25-8=17,17*3=54": "operand", "25-7=18": "format", "": "format",
+             "(25-7)*3": "format", "25-7=18,18*3=54,1+1=2": "format", "25-7=18,18*3=54" + " " * 60: "format",
+             "1" * 5000 + "+3=4,4*7=28": "format"}
+    for answer, kind in cases.items():
+        assert eval_module.countdown_mistake(task, p, answer) == kind, answer
+    shares = eval_module.countdown_mistakes(task, [p] * 4, ["25-7=18,18*3=54", "25+7=32,32+3=54", "", ""])
+    assert shares == dict(right=0.25, plan=0.25, arithmetic=0.0, operand=0.0, format=0.5)
