@@ -250,8 +250,8 @@ def seed_runs(a, train_args):
     return dirs, [(d, ["--seed", str(s), *train_args]) for s, d in enumerate(dirs)]
 
 
-# Countdown's recipe (README, "Countdown"): the expert is 4 layers deep (2 layers plateau near
-# 0.6 on held-out prompts), trained for COUNTDOWN_STEPS, and the warm-start base takes as many
+# Countdown's recipe (README, "Countdown"): the expert is 4 layers deep (2 layers reached 0.69
+# after 15000 steps on seed 0), trained for COUNTDOWN_STEPS, and the warm-start base takes as many
 # steps, so that the realizable student is trained as long as its expert. The misspecified
 # student is the 1-layer small size. --sizes and --train-args (after the recipe) override it.
 COUNTDOWN_SIZES, COUNTDOWN_STEPS, COUNTDOWN_BAR = "4x64x4,small", 12000, 0.8
