@@ -136,10 +136,13 @@ def evaluate(model, expert, tok, task, prompts, seed=0, k=8, n_coverage=64, n_sh
     coverage = sum(len({r for r in many[i * k:(i + 1) * k] if task.reward(p, r)})
                    for i, p in enumerate(cov_prompts)) / len(cov_prompts)
     samples = [(p, r, bool(task.reward(p, r))) for p, r in zip(prompts[:n_show], texts_s)]
-    return dict(reward=mean_reward(task, prompts, texts_s), reward_greedy=mean_reward(task, prompts, texts_g),
-                n_prompts=len(prompts),
-                fwd_kl=fwd_kl, rev_kl=rev_kl, coverage=coverage, follow=follow_rates(model, tok, task, cov_prompts),
-                first_error=first_errors(task, prompts, texts_s), samples=samples)
+    out = dict(reward=mean_reward(task, prompts, texts_s), reward_greedy=mean_reward(task, prompts, texts_g),
+               n_prompts=len(prompts),
+               fwd_kl=fwd_kl, rev_kl=rev_kl, coverage=coverage, follow=follow_rates(model, tok, task, cov_prompts),
+               first_error=first_errors(task, prompts, texts_s), samples=samples)
+    if task.name == "countdown" and task.format == "steps":  # where its answers go wrong
+        out["mistakes"] = countdown_mistakes(task, prompts, texts_s)
+    return out
 
 
 def describe(name, result, n_prompts):
@@ -149,6 +152,9 @@ def describe(name, result, n_prompts):
              f"coverage {result['coverage']:.2f} valid answers/prompt",
              "  follow (per answer position, end token last): " + " ".join(f"{x:.2f}" for x in result["follow"])]
     lines += [f"  {'right' if ok else 'wrong'}  {p}{r}" for p, r, ok in result["samples"]]
+    if "mistakes" in result:
+        lines.append(f"  mistakes (temperature 1, {n_prompts} prompts): " +
+                     " | ".join(f"{k} {v:.3f}" for k, v in result["mistakes"].items()))
     return "\n".join(lines)
 
 
@@ -243,10 +249,6 @@ def main(argv=None):
         from runtime import seed_for
         prompts = eval_prompts(task, ck["config"]["eval_prompts"], seed=seed_for(ck["seed"], "held-out"))
         print(describe(a.checkpoint, evaluate(model, expert, tok, task, prompts, seed=ck["seed"]), len(prompts)))
-        if task.name == "countdown" and task.format == "steps":  # where its answers go wrong
-            _, texts = sample_texts(model, tok, task, prompts, 1.0, ck["seed"], next(model.parameters()).device)
-            print(f"  mistakes (temperature 1, {len(prompts)} prompts): " +
-                  " | ".join(f"{k} {v:.3f}" for k, v in countdown_mistakes(task, prompts, texts).items()))
     else:
         p.error("give a checkpoint, or one of --grid, --ablation, --horizon, --toy")
 
