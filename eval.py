@@ -24,6 +24,7 @@ from dataclasses import asdict
 
 import torch
 
+from countdown import countdown_mistakes
 from data import decode_responses, encode_prompts, encode_responses
 from errors import OneLineParser, UsageError
 
@@ -51,6 +52,14 @@ def quick_eval(model, tok, task, prompts, seed=0):
     return dict(reward=mean_reward(task, prompts, t1), reward_greedy=mean_reward(task, prompts, t0))
 
 
+def reward_draws(model, tok, task, prompts, draws, seed):
+    """Reward at temperature 1 in each of `draws` independent samplings of the prompts: how much
+    of a one-draw reward is sampling noise (on 256 prompts, a few hundredths)."""
+    model.eval()
+    dev = next(model.parameters()).device
+    return [mean_reward(task, prompts, sample_texts(model, tok, task, prompts, 1.0, seed + i, dev)[1]) for i in range(draws)]
+
+
 def sequence_logprob(model, batch):
     """log pi(y|x) of whole responses [B]."""
     from model import response_logprobs
@@ -67,45 +76,6 @@ def first_errors(task, prompts, texts):
                       for a in task.answers(p))
             counts[min(lcp, task.max_response_len)] += 1
     return counts
-
-
-def countdown_mistake(task, prompt, response):
-    """Where a written-steps countdown answer goes wrong, at its first faulty step: "right";
-    "format" (not a step x op y=z, a step too many or too few, or longer than the verifier
-    reads); "operand" (a number not available); "plan" (the step's operation, computed
-    correctly, leaves the target out of reach, or is not allowed: a negative or fractional
-    result; whatever the step then wrote); "arithmetic" (a wrong result for a step from which
-    the target could still be reached)."""
-    from fractions import Fraction
-    from data import _STEP, countdown_step_solutions
-    if task.reward(prompt, response):
-        return "right"
-    if not isinstance(response, str) or not 0 < len(response) <= task.max_answer_chars:
-        return "format"
-    nums, target = task.parse_prompt(prompt)
-    pool, steps = [Fraction(n) for n in nums], response.split(",")
-    for k, step in enumerate(steps):
-        m = _STEP.fullmatch(step)
-        if m is None or k >= len(nums) - 1:
-            return "format"
-        x, op, y, z = Fraction(m[1]), m[2], Fraction(m[3]), Fraction(m[4])
-        if x not in pool or (pool.remove(x) or y not in pool):
-            return "operand"
-        pool.remove(y)
-        r = {"+": x + y, "-": x - y, "*": x * y, "/": x / y}[op]  # what the step should have written
-        if r <= 0 or r.denominator != 1 or target not in countdown_step_solutions(tuple(sorted(map(int, pool + [r])))):
-            return "plan"
-        if z != r:
-            return "arithmetic"
-        pool.append(z)
-    return "format"  # every step right and the target reached: too few steps
-
-
-def countdown_mistakes(task, prompts, texts):
-    """The share of each kind of countdown_mistake over the responses."""
-    kinds = ("right", "plan", "arithmetic", "operand", "format")
-    counts = [countdown_mistake(task, p, r) for p, r in zip(prompts, texts)]
-    return {k: counts.count(k) / len(counts) for k in kinds}
 
 
 @torch.no_grad()
@@ -187,6 +157,8 @@ def main(argv=None):
     p = OneLineParser(description="Evaluate a checkpoint, or run one of the experiments.")
     p.add_argument("checkpoint", nargs="?", help="a student checkpoint to evaluate against its expert")
     p.add_argument("--expert", default="", help="the checkpoint's expert (default: expert.pt beside it)")
+    p.add_argument("--draws", type=int, default=0, help="checkpoint: also the reward over this many samplings, on the "
+                   "held-out prompts and on as many training prompts (its generalization gap)")
     p.add_argument("--grid", action="store_true", help="the realizability table: expert, SFT, online students")
     p.add_argument("--ablation", action="store_true", help="the ingredients of online IL, misspecified student")
     p.add_argument("--horizon", action="store_true", help="reward vs horizon H on the pointer task")
@@ -208,8 +180,8 @@ def main(argv=None):
     experiments = [k for k in ("grid", "ablation", "horizon") if getattr(a, k)]
     if len(experiments) > 1:
         p.error("choose one of --grid, --ablation, --horizon")
-    if a.seeds < 1 or a.jobs < 1:
-        p.error("--seeds and --jobs must be >= 1")
+    if a.seeds < 1 or a.jobs < 1 or a.draws < 0:
+        p.error("--seeds and --jobs must be >= 1, --draws >= 0")
     if not a.sizes:
         from experiments import task_recipe
         a.sizes = task_recipe("pointer" if experiments == ["horizon"] else a.task)[0]
@@ -249,6 +221,13 @@ def main(argv=None):
         from runtime import seed_for
         prompts = eval_prompts(task, ck["config"]["eval_prompts"], seed=seed_for(ck["seed"], "held-out"))
         print(describe(a.checkpoint, evaluate(model, expert, tok, task, prompts, seed=ck["seed"]), len(prompts)))
+        if a.draws:  # training prompts: drawn as training draws them, never held out (the model saw most of them)
+            from data import PromptStream
+            seen = PromptStream(task, prompts, seed=seed_for(ck["seed"], "draws/prompts")).batch(len(prompts))
+            for name, ps in (("held-out", prompts), ("training", seen)):
+                r = reward_draws(model, tok, task, ps, a.draws, seed=ck["seed"] + 1000)
+                print(f"  {name} prompts ({len(ps)}), reward over {a.draws} samplings: {sum(r) / len(r):.3f} "
+                      f"(one sampling: {min(r):.3f} to {max(r):.3f})")
     else:
         p.error("give a checkpoint, or one of --grid, --ablation, --horizon, --toy")
 

@@ -5,8 +5,9 @@ import random
 import pytest
 import torch
 
-from data import (ALPHABET, CountdownTask, MirrorTask, PointerTask, PromptStream, Tokenizer, countdown_solutions,
-                  encode_prompts, encode_responses, eval_prompts, make_task, sample_answer)
+from countdown import CountdownTask, countdown_solutions
+from data import (ALPHABET, MirrorTask, PointerTask, PromptStream, Tokenizer, encode_prompts, encode_responses,
+                  eval_prompts, make_task, sample_answer)
 
 
 def test_tokenizer_round_trip_and_specials():
@@ -285,7 +286,7 @@ def test_countdown_steps_adversarial_never_raises(text):
 
 def _brute_force_steps(nums, target):
     """Every valid 3-number written-steps answer, by nested loops over which two given numbers
-    come first, the operators, and the side the third number takes (shares no code with data.py)."""
+    come first, the operators, and the side the third number takes (shares no code with countdown.py)."""
     def results(x, y):  # positive integer results of x op y
         out = [("+", x + y), ("*", x * y)]
         if x > y:
@@ -309,7 +310,7 @@ def _brute_force_steps(nums, target):
 
 
 def _steps_oracle(prompt, s):
-    """Independent of data.check_steps: no regex, no Fractions, the pool as a Counter, a division
+    """Independent of countdown.check_steps: no regex, no Fractions, the pool as a Counter, a division
     checked by multiplying back."""
     from collections import Counter
     numbers, target = prompt.rstrip("=").split(";")

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -196,9 +197,13 @@ def test_countdown_grid_takes_its_recipe_and_number_tokens(tmp_path):
     assert ck["tokenizer"].startswith("numbers:")
     with open(tmp_path / "seed0" / "logs" / "base-tiny.log") as f:  # it reused the samples base-small drew
         assert "expert responses" not in f.read()
-    out = subprocess.run([sys.executable, "eval.py", str(tmp_path / "seed0" / "countdown" / "sft-tiny.pt")],
+    out = subprocess.run([sys.executable, "eval.py", str(tmp_path / "seed0" / "countdown" / "sft-tiny.pt"), "--draws", "3"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "reward" in out.stdout and "mistakes (temperature 1" in out.stdout, out.stderr[-2000:]
+    draws = re.findall(r"(held-out|training) prompts \(16\), reward over 3 samplings: ([0-9.]+) \(one sampling: ([0-9.]+) to ([0-9.]+)\)",
+                       out.stdout)
+    assert [d[0] for d in draws] == ["held-out", "training"], out.stdout[-1000:]
+    assert all(float(lo) <= float(mean) <= float(hi) <= 1 for _, mean, lo, hi in draws)
     for name in ("sft-tiny", "expert"):  # as a student and its expert from before written steps and number tokens
         ck = torch.load(tmp_path / "seed0" / "countdown" / f"{name}.pt", weights_only=False)
         ck["tokenizer"] = "chars:0123456789+-*/()=,;"
@@ -211,7 +216,7 @@ def test_countdown_grid_takes_its_recipe_and_number_tokens(tmp_path):
 
 def test_countdown_mistakes_by_hand():
     """Each kind of mistake at its first fault, on hand-made answers to 3,7,25;54=."""
-    from data import CountdownTask
+    from countdown import CountdownTask, countdown_mistake, countdown_mistakes
     task, p = CountdownTask(), "3,7,25;54="
     cases = {"25-7=18,18*3=54": "right", "25-7=17,17*3=54": "arithmetic", "25-7=18,18*3=55": "arithmetic",
              "25-7=17,18*3=5x": "arithmetic",  # the first faulty step decides
@@ -221,6 +226,6 @@ def test_countdown_mistakes_by_hand():
              "(25-7)*3": "format", "25-7=18,18*3=54,1+1=2": "format", "25-7=18,18*3=54" + " " * 60: "format",
              "1" * 5000 + "+3=4,4*7=28": "format"}
     for answer, kind in cases.items():
-        assert eval_module.countdown_mistake(task, p, answer) == kind, answer
-    shares = eval_module.countdown_mistakes(task, [p] * 4, ["25-7=18,18*3=54", "25+7=32,32+3=54", "", ""])
+        assert countdown_mistake(task, p, answer) == kind, answer
+    shares = countdown_mistakes(task, [p] * 4, ["25-7=18,18*3=54", "25+7=32,32+3=54", "", ""])
     assert shares == dict(right=0.25, plan=0.25, arithmetic=0.0, operand=0.0, format=0.5)
