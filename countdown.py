@@ -13,7 +13,7 @@ steps (default): the computation written out, one operation per step, as in the 
 expression: one expression with parentheses, ``3,7,25;54= -> (25-7)*3``.
 Ground truth is every valid answer of the format, found by exhaustive search. With three
 numbers both formats reach the same targets (every fractional or negative intermediate can
-be reordered away; tests/test_data.py checks it), so their prompts are the same.
+be reordered away; tests/test_countdown.py checks it), so their prompts are the same.
 Countdown is tokenized with one token per number (Tokenizer(numbers=True), number_tokens),
 so `25-7=18` is five tokens and an operation is a lookup on whole numbers, not carries
 across digit tokens (measured in README, "Countdown"; --no-number-tokens for digits).

@@ -32,8 +32,10 @@ pointer (the horizon task): the prompt is n >= 10 random digits and '='; the ans
 countdown (the paper's task, countdown.py): given n numbers and a target, reach the target with
     + - * /, using every given number exactly once, as written steps (``3,7,25;54= -> 25-7=18,18*3=54``)
     or one expression.
-The verifiers parse untrusted model text with exact rational arithmetic; nothing the model
-writes ever reaches eval/exec. Any malformed answer scores 0, never an exception.
+
+Verifiers take the model's text as untrusted: mirror and pointer compare it with the valid
+answers; countdown's (countdown.py) parses it with exact rational arithmetic, and nothing the
+model writes ever reaches eval/exec. Any malformed answer scores 0, never an exception.
 """
 from dataclasses import dataclass
 

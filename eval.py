@@ -2,6 +2,8 @@
 
     python eval.py out/mirror/onpolicy-small-g1.pt    # one checkpoint: metrics + samples, against the
                                                      # expert.pt beside it (its fingerprint must match)
+    python eval.py out/mirror/expert.pt --draws 8    # + the reward over 8 samplings, held-out and
+                                                     # on the prompts it trained on
     python eval.py --grid --seeds 3                  # the paper's table, from scratch
     python eval.py --help                            # the other experiments
 
@@ -52,12 +54,24 @@ def quick_eval(model, tok, task, prompts, seed=0):
     return dict(reward=mean_reward(task, prompts, t1), reward_greedy=mean_reward(task, prompts, t0))
 
 
-def reward_draws(model, tok, task, prompts, draws, seed):
-    """Reward at temperature 1 in each of `draws` independent samplings of the prompts: how much
-    of a one-draw reward is sampling noise (on 256 prompts, a few hundredths)."""
+def reward_draws(model, tok, task, prompts, seeds):
+    """Reward at temperature 1 in independent samplings of the prompts, one per seed: how much
+    of a one-sampling reward is noise (on 256 prompts, a few hundredths)."""
     model.eval()
     dev = next(model.parameters()).device
-    return [mean_reward(task, prompts, sample_texts(model, tok, task, prompts, 1.0, seed + i, dev)[1]) for i in range(draws)]
+    return [mean_reward(task, prompts, sample_texts(model, tok, task, prompts, 1.0, s, dev)[1]) for s in seeds]
+
+
+# the prompt stream each kind of run trains on (train.py), by the checkpoint name's first word
+TRAINING_STREAMS = dict(expert="expert/prompts", base="base/data", sft="sft/data", onpolicy="online/prompts")
+
+
+def training_prompts(task, held_out, name, seed, n):
+    """The first n prompts the run that wrote checkpoint `name` trained on, drawn again from
+    its own stream (a warm-started student saw its base's prompts too; these are its own)."""
+    from data import PromptStream
+    from runtime import seed_for
+    return PromptStream(task, held_out, seed=seed_for(seed, TRAINING_STREAMS[name.split("-")[0]])).batch(n)
 
 
 def sequence_logprob(model, batch):
@@ -158,7 +172,7 @@ def main(argv=None):
     p.add_argument("checkpoint", nargs="?", help="a student checkpoint to evaluate against its expert")
     p.add_argument("--expert", default="", help="the checkpoint's expert (default: expert.pt beside it)")
     p.add_argument("--draws", type=int, default=0, help="checkpoint: also the reward over this many samplings, on the "
-                   "held-out prompts and on as many training prompts (its generalization gap)")
+                   "held-out prompts and on as many of the prompts it trained on (how much it generalizes)")
     p.add_argument("--grid", action="store_true", help="the realizability table: expert, SFT, online students")
     p.add_argument("--ablation", action="store_true", help="the ingredients of online IL, misspecified student")
     p.add_argument("--horizon", action="store_true", help="reward vs horizon H on the pointer task")
@@ -180,8 +194,10 @@ def main(argv=None):
     experiments = [k for k in ("grid", "ablation", "horizon") if getattr(a, k)]
     if len(experiments) > 1:
         p.error("choose one of --grid, --ablation, --horizon")
-    if a.seeds < 1 or a.jobs < 1 or a.draws < 0:
-        p.error("--seeds and --jobs must be >= 1, --draws >= 0")
+    if a.seeds < 1 or a.jobs < 1:
+        p.error("--seeds and --jobs must be >= 1")
+    if a.draws < 0 or (a.draws and not a.checkpoint):
+        p.error("--draws goes with a checkpoint, and is >= 0")
     if not a.sizes:
         from experiments import task_recipe
         a.sizes = task_recipe("pointer" if experiments == ["horizon"] else a.task)[0]
@@ -221,12 +237,11 @@ def main(argv=None):
         from runtime import seed_for
         prompts = eval_prompts(task, ck["config"]["eval_prompts"], seed=seed_for(ck["seed"], "held-out"))
         print(describe(a.checkpoint, evaluate(model, expert, tok, task, prompts, seed=ck["seed"]), len(prompts)))
-        if a.draws:  # training prompts: drawn as training draws them, never held out (the model saw most of them)
-            from data import PromptStream
-            seen = PromptStream(task, prompts, seed=seed_for(ck["seed"], "draws/prompts")).batch(len(prompts))
-            for name, ps in (("held-out", prompts), ("training", seen)):
-                r = reward_draws(model, tok, task, ps, a.draws, seed=ck["seed"] + 1000)
-                print(f"  {name} prompts ({len(ps)}), reward over {a.draws} samplings: {sum(r) / len(r):.3f} "
+        if a.draws:
+            own = training_prompts(task, prompts, ck["name"], ck["seed"], len(prompts))
+            for name, ps in (("held-out", prompts), ("training", own)):
+                r = reward_draws(model, tok, task, ps, [seed_for(ck["seed"], f"draws/{name}/{i}") for i in range(a.draws)])
+                print(f"  {name} prompts ({len(ps)}), reward over {a.draws} sampling(s): {sum(r) / len(r):.3f} "
                       f"(one sampling: {min(r):.3f} to {max(r):.3f})")
     else:
         p.error("give a checkpoint, or one of --grid, --ablation, --horizon, --toy")
