@@ -2,6 +2,8 @@
 
     python eval.py out/mirror/onpolicy-small-g1.pt    # one checkpoint: metrics + samples, against the
                                                      # expert.pt beside it (its fingerprint must match)
+    python eval.py out/mirror/expert.pt --draws 8    # + the reward over 8 samplings, held-out and
+                                                     # on the prompts it trained on
     python eval.py --grid --seeds 3                  # the paper's table, from scratch
     python eval.py --help                            # the other experiments
 
@@ -24,6 +26,7 @@ from dataclasses import asdict
 
 import torch
 
+from countdown import countdown_mistakes
 from data import decode_responses, encode_prompts, encode_responses
 from errors import OneLineParser, UsageError
 
@@ -51,6 +54,26 @@ def quick_eval(model, tok, task, prompts, seed=0):
     return dict(reward=mean_reward(task, prompts, t1), reward_greedy=mean_reward(task, prompts, t0))
 
 
+def reward_draws(model, tok, task, prompts, seeds):
+    """Reward at temperature 1 in independent samplings of the prompts, one per seed: how much
+    of a one-sampling reward is noise (on 256 prompts, a few hundredths)."""
+    model.eval()
+    dev = next(model.parameters()).device
+    return [mean_reward(task, prompts, sample_texts(model, tok, task, prompts, 1.0, s, dev)[1]) for s in seeds]
+
+
+# the prompt stream each kind of run trains on (train.py), by the checkpoint name's first word
+TRAINING_STREAMS = dict(expert="expert/prompts", base="base/data", sft="sft/data", onpolicy="online/prompts")
+
+
+def training_prompts(task, held_out, name, seed, n):
+    """The first n prompts the run that wrote checkpoint `name` trained on, drawn again from
+    its own stream (a warm-started student saw its base's prompts too; these are its own)."""
+    from data import PromptStream
+    from runtime import seed_for
+    return PromptStream(task, held_out, seed=seed_for(seed, TRAINING_STREAMS[name.split("-")[0]])).batch(n)
+
+
 def sequence_logprob(model, batch):
     """log pi(y|x) of whole responses [B]."""
     from model import response_logprobs
@@ -67,45 +90,6 @@ def first_errors(task, prompts, texts):
                       for a in task.answers(p))
             counts[min(lcp, task.max_response_len)] += 1
     return counts
-
-
-def countdown_mistake(task, prompt, response):
-    """Where a written-steps countdown answer goes wrong, at its first faulty step: "right";
-    "format" (not a step x op y=z, a step too many or too few, or longer than the verifier
-    reads); "operand" (a number not available); "plan" (the step's operation, computed
-    correctly, leaves the target out of reach, or is not allowed: a negative or fractional
-    result; whatever the step then wrote); "arithmetic" (a wrong result for a step from which
-    the target could still be reached)."""
-    from fractions import Fraction
-    from data import _STEP, countdown_step_solutions
-    if task.reward(prompt, response):
-        return "right"
-    if not isinstance(response, str) or not 0 < len(response) <= task.max_answer_chars:
-        return "format"
-    nums, target = task.parse_prompt(prompt)
-    pool, steps = [Fraction(n) for n in nums], response.split(",")
-    for k, step in enumerate(steps):
-        m = _STEP.fullmatch(step)
-        if m is None or k >= len(nums) - 1:
-            return "format"
-        x, op, y, z = Fraction(m[1]), m[2], Fraction(m[3]), Fraction(m[4])
-        if x not in pool or (pool.remove(x) or y not in pool):
-            return "operand"
-        pool.remove(y)
-        r = {"+": x + y, "-": x - y, "*": x * y, "/": x / y}[op]  # what the step should have written
-        if r <= 0 or r.denominator != 1 or target not in countdown_step_solutions(tuple(sorted(map(int, pool + [r])))):
-            return "plan"
-        if z != r:
-            return "arithmetic"
-        pool.append(z)
-    return "format"  # every step right and the target reached: too few steps
-
-
-def countdown_mistakes(task, prompts, texts):
-    """The share of each kind of countdown_mistake over the responses."""
-    kinds = ("right", "plan", "arithmetic", "operand", "format")
-    counts = [countdown_mistake(task, p, r) for p, r in zip(prompts, texts)]
-    return {k: counts.count(k) / len(counts) for k in kinds}
 
 
 @torch.no_grad()
@@ -187,6 +171,8 @@ def main(argv=None):
     p = OneLineParser(description="Evaluate a checkpoint, or run one of the experiments.")
     p.add_argument("checkpoint", nargs="?", help="a student checkpoint to evaluate against its expert")
     p.add_argument("--expert", default="", help="the checkpoint's expert (default: expert.pt beside it)")
+    p.add_argument("--draws", type=int, default=0, help="checkpoint: also the reward over this many samplings, on the "
+                   "held-out prompts and on as many of the prompts it trained on (how much it generalizes)")
     p.add_argument("--grid", action="store_true", help="the realizability table: expert, SFT, online students")
     p.add_argument("--ablation", action="store_true", help="the ingredients of online IL, misspecified student")
     p.add_argument("--horizon", action="store_true", help="reward vs horizon H on the pointer task")
@@ -210,6 +196,8 @@ def main(argv=None):
         p.error("choose one of --grid, --ablation, --horizon")
     if a.seeds < 1 or a.jobs < 1:
         p.error("--seeds and --jobs must be >= 1")
+    if a.draws < 0 or (a.draws and not a.checkpoint):
+        p.error("--draws goes with a checkpoint, and is >= 0")
     if not a.sizes:
         from experiments import task_recipe
         a.sizes = task_recipe("pointer" if experiments == ["horizon"] else a.task)[0]
@@ -249,6 +237,12 @@ def main(argv=None):
         from runtime import seed_for
         prompts = eval_prompts(task, ck["config"]["eval_prompts"], seed=seed_for(ck["seed"], "held-out"))
         print(describe(a.checkpoint, evaluate(model, expert, tok, task, prompts, seed=ck["seed"]), len(prompts)))
+        if a.draws:
+            own = training_prompts(task, prompts, ck["name"], ck["seed"], len(prompts))
+            for name, ps in (("held-out", prompts), ("training", own)):
+                r = reward_draws(model, tok, task, ps, [seed_for(ck["seed"], f"draws/{name}/{i}") for i in range(a.draws)])
+                print(f"  {name} prompts ({len(ps)}), reward over {a.draws} sampling(s): {sum(r) / len(r):.3f} "
+                      f"(one sampling: {min(r):.3f} to {max(r):.3f})")
     else:
         p.error("give a checkpoint, or one of --grid, --ablation, --horizon, --toy")
 

@@ -41,7 +41,7 @@ def opt(default, help):
 @dataclass
 class Config:
     mode: str = opt("onpolicy", "expert | base (the warm-started student) | sft | onpolicy")
-    task: str = opt("mirror", "mirror (default) | pointer (the horizon task) | countdown (data.py)")
+    task: str = opt("mirror", "mirror (default) | pointer (the horizon task) | countdown (countdown.py)")
     digits: int = opt(0, "mirror, pointer: prompt digits (0: the task's own, 5 and 10)")
     answer_len: int = opt(0, "mirror, pointer: answer digits H (0: mirror all of them, pointer 1)")
     sign: bool = opt(True, "mirror, pointer: the answer starts with + or - naming its mode (off: implicit)")

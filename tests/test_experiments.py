@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,9 @@ import torch
 
 import eval as eval_module
 import experiments
-from data import MirrorTask
+from countdown import CountdownTask
+from data import MirrorTask, Tokenizer, eval_prompts
+from runtime import seed_for
 from train import parse_args, run_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,7 +182,8 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
 def test_countdown_grid_takes_its_recipe_and_number_tokens(tmp_path):
     """eval.py --grid --task countdown: the recipe (experiments.task_recipe) reaches every run,
     --train-args override it, the bar for the expert is countdown's, and a checkpoint made with
-    number tokens evaluates on its own (eval.py rebuilds the task's tokenizer)."""
+    number tokens evaluates on its own (eval.py rebuilds the task's tokenizer), with --draws on the
+    prompts it trained on."""
     tiny = "--expert-steps 4 --base-steps 2 --steps 2 --batch-size 8 --eval-prompts 16 --log-every 1"
     out = subprocess.run([sys.executable, "eval.py", "--grid", "--task", "countdown", "--seeds", "1", "--sizes",
                           "small,tiny", "--out-dir", str(tmp_path), "--train-args", tiny],
@@ -196,9 +200,23 @@ def test_countdown_grid_takes_its_recipe_and_number_tokens(tmp_path):
     assert ck["tokenizer"].startswith("numbers:")
     with open(tmp_path / "seed0" / "logs" / "base-tiny.log") as f:  # it reused the samples base-small drew
         assert "expert responses" not in f.read()
-    out = subprocess.run([sys.executable, "eval.py", str(tmp_path / "seed0" / "countdown" / "sft-tiny.pt")],
+    out = subprocess.run([sys.executable, "eval.py", str(tmp_path / "seed0" / "countdown" / "sft-tiny.pt"), "--draws", "3"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "reward" in out.stdout and "mistakes (temperature 1" in out.stdout, out.stderr[-2000:]
+    draws = re.findall(r"(held-out|training) prompts \(16\), reward over 3 sampling\(s\): ([0-9.]+) \(one sampling: "
+                       r"([0-9.]+) to ([0-9.]+)\)", out.stdout)
+    assert [d[0] for d in draws] == ["held-out", "training"], out.stdout[-1000:]
+    assert all(float(lo) <= float(mean) <= float(hi) <= 1 for _, mean, lo, hi in draws)
+    # the prompts --draws calls training prompts are the ones the runs trained on: the expert samples they cached
+    task, tok = CountdownTask(), Tokenizer(numbers=True)
+    held_out = eval_prompts(task, 16, seed=seed_for(0, "held-out"))
+    for name, role in (("sft-tiny", "sft/data"), ("base-tiny", "base/data")):
+        cached = torch.load(tmp_path / "seed0" / "countdown" / f"expert-samples-16-{seed_for(0, role)}.pt")["data"]
+        seen = [tok.decode(row[ok].tolist()[1:]) for row, ok in zip(cached["prompt"], cached["prompt_valid"])]
+        assert eval_module.training_prompts(task, held_out, name, 0, 16) == seen and not set(seen) & set(held_out)
+    for bad in (["--draws", "-1", "x.pt"], ["--grid", "--draws", "2"]):
+        out = subprocess.run([sys.executable, "eval.py", *bad], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and "--draws goes with a checkpoint" in out.stderr, out.stderr
     for name in ("sft-tiny", "expert"):  # as a student and its expert from before written steps and number tokens
         ck = torch.load(tmp_path / "seed0" / "countdown" / f"{name}.pt", weights_only=False)
         ck["tokenizer"] = "chars:0123456789+-*/()=,;"
@@ -207,20 +225,3 @@ def test_countdown_grid_takes_its_recipe_and_number_tokens(tmp_path):
     out = subprocess.run([sys.executable, "eval.py", str(tmp_path / "old-sft-tiny.pt"), "--expert",
                           str(tmp_path / "old-expert.pt")], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0 and "older version" in out.stderr and len(out.stderr.strip().splitlines()) == 1
-
-
-def test_countdown_mistakes_by_hand():
-    """Each kind of mistake at its first fault, on hand-made answers to 3,7,25;54=."""
-    from data import CountdownTask
-    task, p = CountdownTask(), "3,7,25;54="
-    cases = {"25-7=18,18*3=54": "right", "25-7=17,17*3=54": "arithmetic", "25-7=18,18*3=55": "arithmetic",
-             "25-7=17,18*3=5x": "arithmetic",  # the first faulty step decides
-             "25+7=32,32+3=54": "plan", "25+7=33,33+3=36": "plan",  # out of reach, whatever the step wrote
-             "25-7=18,18+3=21": "plan", "7-25=18,18*3=54": "plan", "7/3=2,25*2=50": "plan",  # not allowed
-             "25-7=18,18*2=54": "operand", "25-8=17,17*3=54": "operand", "25-7=18": "format", "": "format",
-             "(25-7)*3": "format", "25-7=18,18*3=54,1+1=2": "format", "25-7=18,18*3=54" + " " * 60: "format",
-             "1" * 5000 + "+3=4,4*7=28": "format"}
-    for answer, kind in cases.items():
-        assert eval_module.countdown_mistake(task, p, answer) == kind, answer
-    shares = eval_module.countdown_mistakes(task, [p] * 4, ["25-7=18,18*3=54", "25+7=32,32+3=54", "", ""])
-    assert shares == dict(right=0.25, plan=0.25, arithmetic=0.0, operand=0.0, format=0.5)
