@@ -62,16 +62,12 @@ def reward_draws(model, tok, task, prompts, seeds):
     return [mean_reward(task, prompts, sample_texts(model, tok, task, prompts, 1.0, s, dev)[1]) for s in seeds]
 
 
-# the prompt stream each kind of run trains on (train.py), by the checkpoint name's first word
-TRAINING_STREAMS = dict(expert="expert/prompts", base="base/data", sft="sft/data", onpolicy="online/prompts")
-
-
 def training_prompts(task, held_out, name, seed, n):
     """The first n prompts the run that wrote checkpoint `name` trained on, drawn again from
     its own stream (a warm-started student saw its base's prompts too; these are its own)."""
     from data import PromptStream
-    from runtime import seed_for
-    return PromptStream(task, held_out, seed=seed_for(seed, TRAINING_STREAMS[name.split("-")[0]])).batch(n)
+    from runtime import PROMPT_STREAMS, seed_for
+    return PromptStream(task, held_out, seed=seed_for(seed, PROMPT_STREAMS[name.split("-")[0]])).batch(n)
 
 
 def sequence_logprob(model, batch):

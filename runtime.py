@@ -35,6 +35,11 @@ def build_task(cfg):
                      format=cfg.countdown_format, number_tokens=cfg.number_tokens)
 
 
+# the role of the prompt stream each kind of run trains on (train.py draws from them; eval.py
+# --draws draws the same prompts again), by the first word of the run's checkpoint name
+PROMPT_STREAMS = dict(expert="expert/prompts", base="base/data", sft="sft/data", onpolicy="online/prompts")
+
+
 def seed_for(seed, role, rank=0):
     """The seed of one role's generator (an init, a data stream, a sampler), derived from
     --seed, the role's name and the rank alone. Every model and stream has its own, so the

@@ -30,7 +30,7 @@ import sft
 from data import PromptStream, sample_answer
 from errors import OneLineParser, UsageError
 from model import fingerprint, load_checkpoint, make_model, size_spec
-from runtime import Run, identity, rank0_print, seed_for, setup, write_atomic
+from runtime import PROMPT_STREAMS, Run, identity, rank0_print, seed_for, setup, write_atomic
 
 
 def opt(default, help):
@@ -186,7 +186,7 @@ def get_expert(cfg, env):
         rank0_print(env, f"training the expert ({cfg.expert_size}, {expert.n_params():,} parameters) on ground truth")
         data = None  # a zero-step run needs no data
         if cfg.expert_steps:  # every rank builds the same dataset; sft.train gives each rank its own rows
-            texts = PromptStream(env["task"], env["held_out"], seed=seed_for(cfg.seed, "expert/prompts")).batch(
+            texts = PromptStream(env["task"], env["held_out"], seed=seed_for(cfg.seed, PROMPT_STREAMS["expert"])).batch(
                 cfg.expert_steps * cfg.batch_size)
             g = torch.Generator().manual_seed(seed_for(cfg.seed, "expert/answers"))
             answers = [sample_answer(env["task"], p, g) for p in texts]
@@ -240,7 +240,7 @@ def get_student_base(cfg, env, expert):
                          dict(seed=("--seed", cfg.seed), total=("--base-steps", cfg.base_steps)))
     if base is None:
         base = new_model(cfg, env, cfg.student_size, "student")
-        data = expert_samples(cfg, env, expert, cfg.base_steps * cfg.batch_size, seed_for(cfg.seed, "base/data"))
+        data = expert_samples(cfg, env, expert, cfg.base_steps * cfg.batch_size, seed_for(cfg.seed, PROMPT_STREAMS["base"]))
         fit(cfg, env, name, base, cfg.base_steps, student_lr(cfg), sft.train, data, cfg)
     return base
 
@@ -274,10 +274,10 @@ def main(argv=None):
         if cfg.mode == "base":
             model = student
         elif cfg.mode == "sft":  # offline IL: the expert is queried before training only
-            data = expert_samples(cfg, env, expert, cfg.steps * cfg.batch_size, seed_for(cfg.seed, "sft/data"))
+            data = expert_samples(cfg, env, expert, cfg.steps * cfg.batch_size, seed_for(cfg.seed, PROMPT_STREAMS["sft"]))
             model = fit(cfg, env, name, student, cfg.steps, student_lr(cfg), sft.train, data, cfg, cfg.sft_loss)
         else:  # online IL: the student samples, the expert scores every token
-            prompts = PromptStream(env["task"], env["held_out"], seed=seed_for(cfg.seed, "online/prompts", env["rank"]))
+            prompts = PromptStream(env["task"], env["held_out"], seed=seed_for(cfg.seed, PROMPT_STREAMS["onpolicy"], env["rank"]))
             model = fit(cfg, env, name, student, cfg.steps, student_lr(cfg), distill.train, expert, prompts, env["tok"],
                         env["task"], cfg, prompts=prompts)
     if env["rank"] == 0:
