@@ -11,7 +11,9 @@ writes 6 tokens too); "same" says both paths drew the same tokens.
 
 Kernels: forward+backward, each row in its own process, so one row's peak cannot hide
 another's. Peak memory is the extra over the inputs: the process's peak RSS on CPU (reset
-after any warm-up), torch.cuda.max_memory_allocated on CUDA. The logprobs rows compute
+after any warm-up), torch.cuda.max_memory_allocated on CUDA. On CUDA each row first makes one
+untimed call (Triton's and torch.compile's compiling, cuBLAS's set-up) and each timing averages
+as many calls as fill 0.2 s; on the CPU a call takes seconds and is timed alone. The logprobs rows compute
 sum_i u_i log p(t_i) with random u; reverse_kl the per-row KL(student || expert logits)
 weighted the same way; the online rows online IL's loss sum_i D_i + a_i log p(t_i), with
 an expert given as hidden states and a_i the standardised D (an advantage).
@@ -20,6 +22,7 @@ an expert given as hidden states and a_i the standardised D (an advantage).
   fused          kernels.token_logprobs / token_divergence: vocabulary blocks, 4 GEMMs
   row-chunked    a per-token kernel over 256-row chunks instead (recompute in backward)
   loss-fused     kernels.logprob_loss / distill_loss: the gradients formed in the forward
+  triton         kernels_triton.token_logprobs_triton: logits tiles kept on chip (CUDA only)
   cce compile    Apple's Cut Cross-Entropy, linear_cross_entropy(impl="torch_compile"), if installed
   cce triton     its Triton kernels (impl="cce", CUDA only)
 """
@@ -36,9 +39,10 @@ import torch
 
 SAMPLER = {"sampler small": ("small", 6), "sampler medium": ("medium", 6), "sampler large": ("large", 64)}
 KERNELS = ("floor", "logprobs naive", "logprobs fused", "logprobs row-chunked", "logprobs loss-fused",
-           "logprobs cce compile", "logprobs cce triton", "reverse_kl naive", "reverse_kl fused",
+           "logprobs triton", "logprobs cce compile", "logprobs cce triton", "reverse_kl naive", "reverse_kl fused",
            "online naive", "online fused", "online loss-fused")
-PEERS = ("logprobs cce compile", "logprobs cce triton")  # optional: a failure skips the row
+PEERS = ("logprobs cce compile", "logprobs cce triton")
+OPTIONAL = (*PEERS, "logprobs triton")  # a failure skips the row (and says why) rather than the table
 
 
 class RowChunkedLogprobs(torch.autograd.Function):
@@ -178,6 +182,9 @@ def kernel_row(kind, a):
             return zt.T @ W.detach(), zt @ h.detach()
         if kind == "logprobs loss-fused":
             loss = logprob_loss(h, W, targets, u)
+        elif kind == "logprobs triton":
+            from kernels_triton import token_logprobs_triton
+            loss = (token_logprobs_triton(h, W, targets) * u).sum()
         elif kind == "logprobs row-chunked":
             loss = (RowChunkedLogprobs.apply(h, W, targets, 256) * u).sum()
         elif "cce" in kind:
@@ -203,8 +210,10 @@ def kernel_row(kind, a):
         h.grad = W.grad = None
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":  # one untimed call: compiling and set-up are not the kernel's time
+        step()
     base = reset_peak(device)
-    wall, cpu = timed(step, a.reps, sync, at_least=0)
+    wall, cpu = timed(step, a.reps, sync, at_least=0.2 if device == "cuda" else 0)
     return dict(kind=kind, time=wall, cpu=cpu, extra_gb=(peak(device) - base) / 1e9)
 
 
@@ -260,12 +269,15 @@ def main():
         if "cce" in kind and importlib.util.find_spec("cut_cross_entropy") is None:
             skipped[kind] = "not installed (pip install cut-cross-entropy)"
             continue
-        if kind.endswith("cce triton") and a.device != "cuda":
+        if kind.endswith("triton") and a.device != "cuda":
             skipped[kind] = "CUDA only"
+            continue
+        if kind == "logprobs triton" and importlib.util.find_spec("triton") is None:
+            skipped[kind] = "Triton not installed"
             continue
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", kind], capture_output=True, text=True)
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        if out.returncode and kind in PEERS:
+        if out.returncode and kind in OPTIONAL:
             skipped[kind] = f"failed: {last}"
         elif out.returncode:
             sys.exit(f"error: {kind} failed: {last}")
@@ -284,7 +296,8 @@ def main():
             print(f"{r['size']:<8} {r['new_tokens']:>6} {c:>13,.0f} {f:>16,.0f} {c / f:>7.2f}x {'yes' if r['same'] else 'NO':>5}")
     if a.rows != "sampler":
         budget = f", fused blocks within {a.block_mb} MB" if a.block_mb else ""
-        print(f"\nkernels: N={a.n} d={a.d} V={a.v} {a.dtype} on {a.device}, forward+backward, median of {a.reps}{budget}")
+        per = " timings, each the mean of the calls that fill 0.2 s" if a.device == "cuda" else ""
+        print(f"\nkernels: N={a.n} d={a.d} V={a.v} {a.dtype} on {a.device}, forward+backward, median of {a.reps}{per}{budget}")
         print(f"{'kernel':<22} {'time s':>8} {'cpu s':>8} {'extra peak GB':>14} {'time / naive':>13} {'memory / naive':>15}")
         for kind in KERNELS:
             if kind in skipped:
@@ -297,10 +310,10 @@ def main():
             ratios = (f"{r['time'] / naive['time']:13.2f} {r['extra_gb'] / max(naive['extra_gb'], 1e-9):15.3f}"
                       if naive else f"{'-':>13} {'-':>15}")
             print(f"{kind:<22} {r['time']:8.3f} {r['cpu']:8.3f} {r['extra_gb']:14.3f} {ratios}")
-        for peer in PEERS:
-            if peer in rows and "logprobs loss-fused" in rows:
-                mine, theirs = rows["logprobs loss-fused"], rows[peer]
-                print(f"logprobs loss-fused against {peer[9:]}: {mine['time'] / theirs['time']:.2f}x its time, "
+        for ours, peer in ((o, p) for o in ("logprobs loss-fused", "logprobs triton") for p in PEERS):
+            if peer in rows and ours in rows:
+                mine, theirs = rows[ours], rows[peer]
+                print(f"{ours} against {peer[9:]}: {mine['time'] / theirs['time']:.2f}x its time, "
                       f"{mine['extra_gb'] / max(theirs['extra_gb'], 1e-9):.2f}x its extra memory")
 
 

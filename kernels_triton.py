@@ -1,0 +1,146 @@
+"""token_logprobs with its logits tiles kept on chip: two Triton kernels (CUDA; optional).
+
+kernels.py's token_logprobs computes each [N, block] slab of logits with a GEMM, writes it
+to memory and runs a dozen elementwise ops over it; on a GPU those launches, not the
+arithmetic, set the time (README, "Fused log-prob kernels"). Here each program computes one
+[BM, BV] tile of logits with tl.dot and finishes its work on it before anything leaves the chip:
+
+  forward:  per tile, its row max and sum of exp(z - max), and the target's logit if the
+            target falls in the tile; a [tiles, N] reduction in PyTorch gives the lse.
+  backward: per vocabulary chunk of C columns, one kernel recomputes each tile's logits and
+            writes the logit gradient G = g (onehot(t) - p) / T in the input dtype; then
+            cuBLAS does the two GEMMs:  grad_h += G @ W[chunk],  grad_W[chunk] = G^T @ h.
+
+Every slice of grad_W is one GEMM's output, written once in the input dtype (cuBLAS sums over
+the N rows in fp32), so no fp32 [V, d] buffer is needed; grad_h, the sum over chunks, is kept in
+fp32. Peak extra memory: grad_W, grad_h and one [N, C] chunk of G (CHUNK_BYTES). The cost is
+four GEMMs (naive: three), as in kernels.py. No gradient filtering: every tile is computed.
+Softmax arithmetic is fp32; the dots take the input dtype (fp32 inputs: exact fp32 dots, no TF32).
+
+Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set before
+import), which is how tests/test_kernels_triton.py checks them on the CPU.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from kernels import IGNORE
+
+CHUNK_BYTES = 64 * 2**20  # one [N, C] chunk of G in the backward
+
+
+def _config(dtype):
+    """Tile sizes (BM rows, BV vocabulary columns, BK of d) and launch settings per dtype:
+    fp32 tiles are smaller so that the pipelined shared-memory buffers still fit."""
+    if dtype == torch.float32:
+        return dict(BM=64, BV=64, BK=32), dict(num_warps=4, num_stages=2)
+    return dict(BM=128, BV=128, BK=64), dict(num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _logits_tile(H, W, rows, cols, N, V, D, stride_h, stride_w, inv_T,
+                 BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """z[rows, cols] = h[rows] . W[cols] / T in fp32; columns past V are -inf."""
+    ks = tl.arange(0, BK)
+    acc = tl.zeros((BM, BV), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        k = k0 + ks
+        h = tl.load(H + rows[:, None] * stride_h + k[None, :], mask=(rows[:, None] < N) & (k[None, :] < D), other=0.0)
+        w = tl.load(W + cols[:, None] * stride_w + k[None, :], mask=(cols[:, None] < V) & (k[None, :] < D), other=0.0)
+        if IEEE:
+            acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, tl.trans(w), acc)
+    return tl.where(cols[None, :] < V, acc * inv_T, float("-inf"))
+
+
+@triton.jit
+def _lse_kernel(H, W, T, M, S, Z, N, V, D, stride_h, stride_w, inv_T,
+                BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    # program_id(0), the row tile, varies fastest: the programs side by side share one W tile
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    tile = tl.program_id(1)
+    cols = tile * BV + tl.arange(0, BV)
+    z = _logits_tile(H, W, rows, cols, N, V, D, stride_h, stride_w, inv_T, BM, BV, BK, IEEE)
+    m = tl.max(z, 1)
+    s = tl.sum(tl.exp(z - m[:, None]), 1)
+    tl.store(M + tile * N + rows, m, mask=rows < N)
+    tl.store(S + tile * N + rows, s, mask=rows < N)
+    t = tl.load(T + rows, mask=rows < N, other=-1)
+    hit = cols[None, :] == t[:, None]  # each row's target lies in exactly one tile
+    tl.store(Z + rows, tl.sum(tl.where(hit, z, 0.0), 1), mask=(rows < N) & (t >= tile * BV) & (t < tile * BV + BV))
+
+
+@triton.jit
+def _grad_kernel(H, W, T, LSE, G, OUT, N, V, D, v0, C, stride_h, stride_w, inv_T,
+                 BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """OUT[:, :C] = d(sum_i g_i log p(t_i)) / dz for vocabulary columns [v0, v0 + C)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    local = tl.program_id(1) * BV + tl.arange(0, BV)
+    cols = v0 + local
+    vmax = tl.minimum(V, v0 + C)
+    z = _logits_tile(H, W, rows, cols, N, vmax, D, stride_h, stride_w, inv_T, BM, BV, BK, IEEE)
+    lse = tl.load(LSE + rows, mask=rows < N, other=0.0)
+    g = tl.load(G + rows, mask=rows < N, other=0.0)
+    t = tl.load(T + rows, mask=rows < N, other=-1)
+    p = tl.exp(z - lse[:, None])  # 0 past the chunk's end (z = -inf there)
+    dz = (tl.where(cols[None, :] == t[:, None], 1.0, 0.0) - p) * (g * inv_T)[:, None]
+    tl.store(OUT + rows[:, None] * C + local[None, :], dz.to(OUT.dtype.element_ty),
+             mask=(rows[:, None] < N) & (local[None, :] < C))
+
+
+class _TritonTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, W, targets, temperature):
+        h, W = h.contiguous(), W.contiguous()
+        (N, D), V = h.shape, W.shape[0]
+        tile, launch = _config(h.dtype)
+        valid = targets != IGNORE
+        tgt = torch.where(valid, targets, 0).to(torch.int32).contiguous()
+        tiles = triton.cdiv(V, tile["BV"])
+        M = torch.empty(tiles, N, device=h.device)
+        S = torch.empty(tiles, N, device=h.device)
+        z_tgt = torch.empty(N, device=h.device)
+        _lse_kernel[(triton.cdiv(N, tile["BM"]), tiles)](
+            h, W, tgt, M, S, z_tgt, N, V, D, h.stride(0), W.stride(0), 1.0 / temperature,
+            IEEE=h.dtype == torch.float32, **tile, **launch)
+        # combine the tiles' (max, sum): lse = max + log(sum_j s_j exp(m_j - max))
+        m = M.max(0).values
+        lse = m + torch.log((S * torch.exp(M - m)).sum(0))
+        ctx.save_for_backward(h, W, tgt, valid, lse)
+        ctx.temperature = temperature
+        return torch.where(valid, z_tgt - lse, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, W, tgt, valid, lse = ctx.saved_tensors
+        (N, D), V = h.shape, W.shape[0]
+        tile, launch = _config(h.dtype)
+        g = torch.where(valid, grad_out.float(), 0.0).contiguous()  # ignored rows: zero gradient
+        grad_h = torch.zeros(N, D, device=h.device) if ctx.needs_input_grad[0] else None  # fp32 sum over chunks
+        grad_W = torch.empty_like(W) if ctx.needs_input_grad[1] else None
+        # chunk width: a multiple of BV that keeps one [N, C] chunk of G within CHUNK_BYTES
+        C = max(tile["BV"], CHUNK_BYTES // (N * h.element_size()) // tile["BV"] * tile["BV"])
+        C = min(C, triton.cdiv(V, tile["BV"]) * tile["BV"])
+        Gc = torch.empty(N, C, device=h.device, dtype=h.dtype)
+        for v0 in range(0, V, C):
+            c = min(C, V - v0)
+            G = Gc[:, :c] if c == C else torch.empty(N, c, device=h.device, dtype=h.dtype)
+            _grad_kernel[(triton.cdiv(N, tile["BM"]), triton.cdiv(c, tile["BV"]))](
+                h, W, tgt, lse, g, G, N, V, D, v0, c, h.stride(0), W.stride(0), 1.0 / ctx.temperature,
+                IEEE=h.dtype == torch.float32, **tile, **launch)
+            if grad_h is not None:
+                grad_h += G @ W[v0:v0 + c]
+            if grad_W is not None:
+                torch.mm(G.T, h, out=grad_W[v0:v0 + c])
+        return None if grad_h is None else grad_h.to(h.dtype), grad_W, None, None
+
+
+def token_logprobs_triton(h, W, targets, temperature=1.0):
+    """log p(targets[i] | h[i]) under softmax(h W^T / T), rows with target IGNORE give 0: the
+    same contract as kernels.token_logprobs, for fp32, bf16 or fp16 inputs."""
+    if h.dtype not in (torch.float32, torch.bfloat16, torch.float16) or W.dtype != h.dtype:
+        raise ValueError(f"token_logprobs_triton takes fp32/bf16/fp16 h and W of one dtype, not {h.dtype} and {W.dtype}")
+    if max(h.numel(), W.numel()) >= 2**31:  # the kernels index with 32-bit offsets
+        raise ValueError(f"token_logprobs_triton: h {tuple(h.shape)} or W {tuple(W.shape)} has 2**31 elements or more")
+    return _TritonTokenLogprobs.apply(h, W, targets, temperature)

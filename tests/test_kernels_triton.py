@@ -1,0 +1,97 @@
+"""kernels_triton.token_logprobs_triton against float64 log_softmax, values and gradients.
+
+With a GPU the kernels are compiled and run in fp32, fp16 and bf16. Without one they run under
+Triton's interpreter on the CPU, in fp32 and fp16 (the interpreter's bf16 tl.dot returns
+garbage even for a plain 16x16 product, so bf16 is checked on the GPU only), each case in a
+fresh process: the interpreter must be chosen before triton.language is first imported.
+Skipped where Triton is not installed (the CPU build of torch does not bring it)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+import kernels_triton  # noqa: E402
+from kernels import IGNORE  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = ["float32", "float16", *(["bfloat16"] if CUDA else [])]
+TOL = {"float32": dict(rtol=1e-4, atol=1e-4), "float16": dict(rtol=1e-2, atol=1e-2),
+       "bfloat16": dict(rtol=5e-2, atol=5e-2)}
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def check(dtype, N, D, V, temperature, chunk_cols=None, grad_W=True, seed=0):
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(seed)
+    h, W = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g) / 4
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[::5] = IGNORE
+    up = torch.randn(N, generator=g)
+    mh = h.to(DEVICE, dt).clone().requires_grad_()
+    mW = W.to(DEVICE, dt).clone().requires_grad_(grad_W)
+    saved = kernels_triton.CHUNK_BYTES
+    if chunk_cols:  # force several backward chunks (and a short last one)
+        kernels_triton.CHUNK_BYTES = chunk_cols * N * mh.element_size()
+    try:
+        out = kernels_triton.token_logprobs_triton(mh, mW, targets.to(DEVICE), temperature)
+        (out * up.to(DEVICE)).sum().backward()
+    finally:
+        kernels_triton.CHUNK_BYTES = saved
+    # the oracle: float64 log_softmax over the full logits of the same (rounded) inputs
+    rh = h.to(dt).double().requires_grad_()
+    rW = W.to(dt).double().requires_grad_()
+    ref = torch.log_softmax(rh @ rW.T / temperature, -1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    ref = torch.where(targets != IGNORE, ref, 0.0)
+    (ref * up.double()).sum().backward()
+    assert out.dtype == torch.float32
+    assert torch.all(out.cpu()[targets == IGNORE] == 0)
+    assert torch.allclose(out.cpu().double(), ref, **TOL[dtype])
+    assert mh.grad.dtype == dt and torch.allclose(mh.grad.cpu().double(), rh.grad, **TOL[dtype])
+    assert torch.all(mh.grad.cpu()[targets == IGNORE] == 0)  # ignored rows: exactly no gradient
+    if grad_W:
+        assert mW.grad.dtype == dt and torch.allclose(mW.grad.cpu().double(), rW.grad, **TOL[dtype])
+    else:
+        assert mW.grad is None
+
+
+def run(**case):
+    """check(**case) here on a GPU (or if this process runs the interpreter), else in a fresh
+    process under the interpreter."""
+    if CUDA or os.environ.get("TRITON_INTERPRET") == "1":
+        return check(**case)
+    code = f"from test_kernels_triton import check; check(**{case!r})"
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                         env={**os.environ, "TRITON_INTERPRET": "1",
+                              "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE])})
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_float64_with_ragged_tiles_and_several_chunks(dtype):
+    # N, D and V are not multiples of any tile size; 128-column chunks: the last one short
+    run(dtype=dtype, N=70, D=40, V=301, temperature=0.7, chunk_cols=128)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_float64_in_one_chunk_at_temperature_one(dtype):
+    run(dtype=dtype, N=130, D=64, V=200, temperature=1.0)
+
+
+def test_frozen_unembedding_gets_no_gradient():
+    run(dtype="float32", N=33, D=32, V=90, temperature=1.3, grad_W=False)
+
+
+@pytest.mark.skipif(not CUDA, reason="the large shape is slow under the interpreter")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_large_vocabulary_on_cuda(dtype):
+    run(dtype=dtype, N=300, D=64, V=5003, temperature=1.0)
+
+
+def test_refuses_float64_in_one_line():
+    h, W = torch.zeros(4, 8, dtype=torch.float64), torch.zeros(5, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="fp32/bf16/fp16"):
+        kernels_triton.token_logprobs_triton(h, W, torch.zeros(4, dtype=torch.long))
