@@ -298,7 +298,8 @@ def main():
         budget = f", fused blocks within {a.block_mb} MB" if a.block_mb else ""
         per = " timings, each the mean of the calls that fill 0.2 s" if a.device == "cuda" else ""
         print(f"\nkernels: N={a.n} d={a.d} V={a.v} {a.dtype} on {a.device}, forward+backward, median of {a.reps}{per}{budget}")
-        print(f"{'kernel':<22} {'time s':>8} {'cpu s':>8} {'extra peak GB':>14} {'time / naive':>13} {'memory / naive':>15}")
+        unit, scale = ("ms", 1e3) if a.device == "cuda" else ("s", 1)  # a GPU row takes milliseconds
+        print(f"{'kernel':<22} {'time ' + unit:>8} {'cpu ' + unit:>8} {'extra peak GB':>14} {'time / naive':>13} {'memory / naive':>15}")
         for kind in KERNELS:
             if kind in skipped:
                 print(f"{kind:<22} skipped: {skipped[kind]}")
@@ -309,7 +310,7 @@ def main():
             naive = rows.get(f"{'logprobs' if group == 'floor' else group} naive")
             ratios = (f"{r['time'] / naive['time']:13.2f} {r['extra_gb'] / max(naive['extra_gb'], 1e-9):15.3f}"
                       if naive else f"{'-':>13} {'-':>15}")
-            print(f"{kind:<22} {r['time']:8.3f} {r['cpu']:8.3f} {r['extra_gb']:14.3f} {ratios}")
+            print(f"{kind:<22} {r['time'] * scale:8.3f} {r['cpu'] * scale:8.3f} {r['extra_gb']:14.3f} {ratios}")
         for ours, peer in ((o, p) for o in ("logprobs loss-fused", "logprobs triton") for p in PEERS):
             if peer in rows and ours in rows:
                 mine, theirs = rows[ours], rows[peer]

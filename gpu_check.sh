@@ -3,9 +3,9 @@
 #   1. the kernel and sampler benchmark in bf16 on the GPU, alone on the machine (with Cut
 #      Cross-Entropy's rows if it is installed), then the plain fused kernel with wider blocks;
 #   2. the quick-start command's wall time, alone;
-#   3. side by side: the CUDA tests (kernels in fp32/bf16 against float64, the sampler, a tiny
-#      pipeline with bf16 autocast and --compile, --resume on CUDA) and one seed of the mirror
-#      grid on the GPU (and $EXTRA, a script of your own, if set).
+#   3. side by side: the CUDA tests (kernels, the Triton one too, in fp32/bf16 against float64,
+#      the sampler, a tiny pipeline with bf16 autocast and --compile, --resume on CUDA) and one
+#      seed of the mirror grid on the GPU (and $EXTRA, a script of your own, if set).
 # Usage: bash gpu_check.sh [logs folder, default out/gpu] [runs folder, default <logs>/runs]
 # Each step has a time limit, so one slow step cannot starve the others (at most 9.5 minutes in
 # all); the exit status is 1 if any step failed or ran out of time, and the last line names them.
@@ -31,7 +31,7 @@ clock quickstart timeout 70 $py train.py --mode onpolicy --device cuda --out-dir
 
 pids=() names=(tests grid)
 (clock tests timeout 240 $py -m pytest -q -p no:cacheprovider $xdist \
-    tests/test_cuda.py tests/test_model.py tests/test_runtime.py > "$logs/tests.log" 2>&1) & pids+=($!)
+    tests/test_cuda.py tests/test_kernels_triton.py tests/test_model.py tests/test_runtime.py > "$logs/tests.log" 2>&1) & pids+=($!)
 (clock grid timeout 300 $py eval.py --grid --seeds 1 --jobs 4 --out-dir "$runs/grid" --train-args "--device cuda" \
     > "$logs/grid.log" 2>&1) & pids+=($!)
 if [ -n "${EXTRA:-}" ]; then  # a script of your own (a path from the repository root), given <logs> <runs>
