@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA path, checked in one go on a machine with an NVIDIA GPU (no CPU run can show it):
 #   1. the kernel and sampler benchmark in bf16 on the GPU, alone on the machine (with Cut
-#      Cross-Entropy's rows if it is installed), then the plain fused kernel with wider blocks;
+#      Cross-Entropy's rows if it is installed);
 #   2. the quick-start command's wall time, alone;
 #   3. side by side: the CUDA tests (kernels, the Triton one too, in fp32/bf16 against float64,
 #      the sampler, a tiny pipeline with bf16 autocast and --compile, --resume on CUDA) and one
@@ -23,9 +23,7 @@ clock() { local label=$1 t=$SECONDS rc; shift; "$@"; rc=$?; echo "[$label: $((SE
 xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 6")  # pytest-xdist, where installed
 
 failed=()
-clock bench timeout 160 $py bench.py --device cuda --dtype bfloat16 > "$logs/bench.log" 2>&1 || failed+=(bench)
-clock bench-block512 timeout 40 $py bench.py --device cuda --dtype bfloat16 --rows kernels --only "logprobs naive,logprobs fused" \
-    --block-mb 512 > "$logs/bench-block512.log" 2>&1 || failed+=(bench-block512)
+clock bench timeout 200 $py bench.py --device cuda --dtype bfloat16 > "$logs/bench.log" 2>&1 || failed+=(bench)
 clock quickstart timeout 70 $py train.py --mode onpolicy --device cuda --out-dir "$runs/quickstart" > "$logs/quickstart.log" 2>&1 \
     || failed+=(quickstart)
 
@@ -39,5 +37,5 @@ if [ -n "${EXTRA:-}" ]; then  # a script of your own (a path from the repository
 fi
 for i in "${!pids[@]}"; do wait "${pids[$i]}" || failed+=("${names[$i]}"); done
 cp "$runs/grid/report.md" "$logs/grid-report.md" 2>/dev/null
-for f in bench bench-block512 quickstart tests grid; do echo "== $f"; tail -n 25 "$logs/$f.log"; done
+for f in bench quickstart tests grid; do echo "== $f"; tail -n 25 "$logs/$f.log"; done
 if [ ${#failed[@]} -gt 0 ]; then echo "failed or stopped at their time limit: ${failed[*]}"; exit 1; fi
