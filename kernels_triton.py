@@ -11,10 +11,11 @@ arithmetic, set the time (README, "Fused log-prob kernels"). Here each program c
             writes the logit gradient G = g (onehot(t) - p) / T in the input dtype; then
             cuBLAS does the two GEMMs:  grad_h += G @ W[chunk],  grad_W[chunk] = G^T @ h.
 
-Every slice of grad_W is one GEMM's output, written once in the input dtype (cuBLAS sums over
-the N rows in fp32), so no fp32 [V, d] buffer is needed; grad_h, the sum over chunks, is kept in
-fp32. Peak extra memory: grad_W, grad_h and one [N, C] chunk of G (CHUNK_BYTES). The cost is
-four GEMMs (naive: three), as in kernels.py. No gradient filtering: every tile is computed.
+Every slice of grad_W is one GEMM's output, written once in the input dtype (as naive's grad_W
+is), so no fp32 [V, d] buffer is needed; grad_h, the sum of the chunks' G @ W products (each a
+GEMM output in the input dtype), is summed in fp32. Peak extra memory: grad_W, grad_h and one
+[N, C] chunk of G (CHUNK_BYTES). The cost is four GEMMs (naive: three), as in kernels.py.
+No gradient filtering: every tile is computed.
 Softmax arithmetic is fp32; the dots take the input dtype (fp32 inputs: exact fp32 dots, no TF32).
 
 Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set before
@@ -23,8 +24,9 @@ import), which is how tests/test_kernels_triton.py checks them on the CPU.
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
-from kernels import IGNORE
+from kernels import IGNORE, token_logprobs
 
 CHUNK_BYTES = 64 * 2**20  # one [N, C] chunk of G in the backward
 
@@ -57,9 +59,10 @@ def _logits_tile(H, W, rows, cols, N, V, D, stride_h, stride_w, inv_T,
 @triton.jit
 def _lse_kernel(H, W, T, M, S, Z, N, V, D, stride_h, stride_w, inv_T,
                 BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
-    # program_id(0), the row tile, varies fastest: the programs side by side share one W tile
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    tile = tl.program_id(1)
+    # program_id(0), the row tile, varies fastest: the programs side by side share one W tile.
+    # Offsets in int64: tiles * N or V * d may pass 2**31 at large shapes
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    tile = tl.program_id(1).to(tl.int64)
     cols = tile * BV + tl.arange(0, BV)
     z = _logits_tile(H, W, rows, cols, N, V, D, stride_h, stride_w, inv_T, BM, BV, BK, IEEE)
     m = tl.max(z, 1)
@@ -75,8 +78,8 @@ def _lse_kernel(H, W, T, M, S, Z, N, V, D, stride_h, stride_w, inv_T,
 def _grad_kernel(H, W, T, LSE, G, OUT, N, V, D, v0, C, stride_h, stride_w, inv_T,
                  BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
     """OUT[:, :C] = d(sum_i g_i log p(t_i)) / dz for vocabulary columns [v0, v0 + C)."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    local = tl.program_id(1) * BV + tl.arange(0, BV)
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)  # int64 offsets, as above
+    local = tl.program_id(1).to(tl.int64) * BV + tl.arange(0, BV)
     cols = v0 + local
     vmax = tl.minimum(V, v0 + C)
     z = _logits_tile(H, W, rows, cols, N, vmax, D, stride_h, stride_w, inv_T, BM, BV, BK, IEEE)
@@ -89,7 +92,7 @@ def _grad_kernel(H, W, T, LSE, G, OUT, N, V, D, v0, C, stride_h, stride_w, inv_T
              mask=(rows[:, None] < N) & (local[None, :] < C))
 
 
-class _TritonTokenLogprobs(torch.autograd.Function):
+class _TritonTokenLogprobs(torch.autograd.Function):  # called through token_logprobs_triton
     @staticmethod
     def forward(ctx, h, W, targets, temperature):
         h, W = h.contiguous(), W.contiguous()
@@ -100,7 +103,7 @@ class _TritonTokenLogprobs(torch.autograd.Function):
         tiles = triton.cdiv(V, tile["BV"])
         M = torch.empty(tiles, N, device=h.device)
         S = torch.empty(tiles, N, device=h.device)
-        z_tgt = torch.empty(N, device=h.device)
+        z_tgt = torch.full((N,), float("nan"), device=h.device)  # a target outside [0, V) gives NaN
         _lse_kernel[(triton.cdiv(N, tile["BM"]), tiles)](
             h, W, tgt, M, S, z_tgt, N, V, D, h.stride(0), W.stride(0), 1.0 / temperature,
             IEEE=h.dtype == torch.float32, **tile, **launch)
@@ -112,20 +115,21 @@ class _TritonTokenLogprobs(torch.autograd.Function):
         return torch.where(valid, z_tgt - lse, 0.0)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         h, W, tgt, valid, lse = ctx.saved_tensors
         (N, D), V = h.shape, W.shape[0]
         tile, launch = _config(h.dtype)
         g = torch.where(valid, grad_out.float(), 0.0).contiguous()  # ignored rows: zero gradient
-        grad_h = torch.zeros(N, D, device=h.device) if ctx.needs_input_grad[0] else None  # fp32 sum over chunks
+        grad_h = torch.zeros(N, D, device=h.device) if ctx.needs_input_grad[0] else None  # summed over chunks in fp32
         grad_W = torch.empty_like(W) if ctx.needs_input_grad[1] else None
         # chunk width: a multiple of BV that keeps one [N, C] chunk of G within CHUNK_BYTES
         C = max(tile["BV"], CHUNK_BYTES // (N * h.element_size()) // tile["BV"] * tile["BV"])
         C = min(C, triton.cdiv(V, tile["BV"]) * tile["BV"])
-        Gc = torch.empty(N, C, device=h.device, dtype=h.dtype)
+        Gc = torch.empty(N * C, device=h.device, dtype=h.dtype)
         for v0 in range(0, V, C):
             c = min(C, V - v0)
-            G = Gc[:, :c] if c == C else torch.empty(N, c, device=h.device, dtype=h.dtype)
+            G = Gc[:N * c].view(N, c)  # a short last chunk reuses the same buffer
             _grad_kernel[(triton.cdiv(N, tile["BM"]), triton.cdiv(c, tile["BV"]))](
                 h, W, tgt, lse, g, G, N, V, D, v0, c, h.stride(0), W.stride(0), 1.0 / ctx.temperature,
                 IEEE=h.dtype == torch.float32, **tile, **launch)
@@ -133,14 +137,21 @@ class _TritonTokenLogprobs(torch.autograd.Function):
                 grad_h += G @ W[v0:v0 + c]
             if grad_W is not None:
                 torch.mm(G.T, h, out=grad_W[v0:v0 + c])
+        del Gc, G  # before grad_h's cast
         return None if grad_h is None else grad_h.to(h.dtype), grad_W, None, None
 
 
 def token_logprobs_triton(h, W, targets, temperature=1.0):
-    """log p(targets[i] | h[i]) under softmax(h W^T / T), rows with target IGNORE give 0: the
-    same contract as kernels.token_logprobs, for fp32, bf16 or fp16 inputs."""
+    """log p(targets[i] | h[i]) under softmax(h W^T / T), rows with target IGNORE give 0 (and no
+    gradient), as kernels.token_logprobs; h [N, d] and W [V, d] fp32, bf16 or fp16, of one dtype
+    and on one device with targets [N]; temperature a float. A target outside [0, V) gives NaN."""
     if h.dtype not in (torch.float32, torch.bfloat16, torch.float16) or W.dtype != h.dtype:
         raise ValueError(f"token_logprobs_triton takes fp32/bf16/fp16 h and W of one dtype, not {h.dtype} and {W.dtype}")
-    if max(h.numel(), W.numel()) >= 2**31:  # the kernels index with 32-bit offsets
-        raise ValueError(f"token_logprobs_triton: h {tuple(h.shape)} or W {tuple(W.shape)} has 2**31 elements or more")
-    return _TritonTokenLogprobs.apply(h, W, targets, temperature)
+    if h.dim() != 2 or W.dim() != 2 or h.shape[1] != W.shape[1] or targets.shape != h.shape[:1]:
+        raise ValueError(f"token_logprobs_triton takes h [N, d], W [V, d] and targets [N], not "
+                         f"{tuple(h.shape)}, {tuple(W.shape)} and {tuple(targets.shape)}")
+    if not h.device == W.device == targets.device:
+        raise ValueError(f"token_logprobs_triton: h, W and targets on {h.device}, {W.device} and {targets.device}")
+    if h.shape[0] == 0:  # nothing to launch
+        return token_logprobs(h, W, targets, float(temperature))
+    return _TritonTokenLogprobs.apply(h, W, targets, float(temperature))

@@ -24,15 +24,29 @@ TOL = {"float32": dict(rtol=1e-4, atol=1e-4), "float16": dict(rtol=1e-2, atol=1e
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def check(dtype, N, D, V, temperature, chunk_cols=None, grad_W=True, seed=0):
+def check(dtype, N, D, V, temperature, chunk_cols=None, grad_h=True, grad_W=True, scale=1.0, strided=False,
+          edge_targets=False, seed=0):
+    """scale: logits scaled up (exp overflows without the max subtraction); strided: h and W
+    given as non-contiguous views; edge_targets: targets on the first and last column of tiles."""
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(seed)
-    h, W = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g) / 4
+    h, W = torch.randn(N, D, generator=g) * scale, torch.randn(V, D, generator=g) / 4
     targets = torch.randint(0, V, (N,), generator=g)
+    if edge_targets:
+        BV = kernels_triton._config(dt)[0]["BV"]
+        edges = torch.tensor([0, BV - 1, BV, 2 * BV - 1, V - 1])
+        targets[1:6 * len(edges):6] = edges  # rows clear of the IGNORE rows below
     targets[::5] = IGNORE
     up = torch.randn(N, generator=g)
-    mh = h.to(DEVICE, dt).clone().requires_grad_()
-    mW = W.to(DEVICE, dt).clone().requires_grad_(grad_W)
+    if strided:  # every other column of a wider h; W as the transpose of a [d, V] tensor
+        mh = torch.zeros(N, 2 * D, device=DEVICE, dtype=dt)
+        mh[:, ::2] = h.to(DEVICE, dt)
+        mh = mh[:, ::2].requires_grad_(grad_h)
+        mW = W.to(DEVICE, dt).T.contiguous().T.requires_grad_(grad_W)
+        assert not mh.is_contiguous() and not mW.is_contiguous()
+    else:
+        mh = h.to(DEVICE, dt).clone().requires_grad_(grad_h)
+        mW = W.to(DEVICE, dt).clone().requires_grad_(grad_W)
     saved = kernels_triton.CHUNK_BYTES
     if chunk_cols:  # force several backward chunks (and a short last one)
         kernels_triton.CHUNK_BYTES = chunk_cols * N * mh.element_size()
@@ -50,8 +64,11 @@ def check(dtype, N, D, V, temperature, chunk_cols=None, grad_W=True, seed=0):
     assert out.dtype == torch.float32
     assert torch.all(out.cpu()[targets == IGNORE] == 0)
     assert torch.allclose(out.cpu().double(), ref, **TOL[dtype])
-    assert mh.grad.dtype == dt and torch.allclose(mh.grad.cpu().double(), rh.grad, **TOL[dtype])
-    assert torch.all(mh.grad.cpu()[targets == IGNORE] == 0)  # ignored rows: exactly no gradient
+    if grad_h:
+        assert mh.grad.dtype == dt and torch.allclose(mh.grad.cpu().double(), rh.grad, **TOL[dtype])
+        assert torch.all(mh.grad.cpu()[targets == IGNORE] == 0)  # ignored rows: exactly no gradient
+    else:
+        assert mh.grad is None
     if grad_W:
         assert mW.grad.dtype == dt and torch.allclose(mW.grad.cpu().double(), rW.grad, **TOL[dtype])
     else:
@@ -85,13 +102,31 @@ def test_frozen_unembedding_gets_no_gradient():
     run(dtype="float32", N=33, D=32, V=90, temperature=1.3, grad_W=False)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_inputs_large_logits_and_targets_on_tile_edges(dtype):
+    # logits up to ~150 (exp overflows fp32 past 88 without the max subtraction), h frozen
+    run(dtype=dtype, N=40, D=24, V=300, temperature=0.05, scale=2.0, strided=True, edge_targets=True,
+        grad_h=False)
+    run(dtype=dtype, N=40, D=24, V=300, temperature=1.0, strided=True, edge_targets=True)
+
+
 @pytest.mark.skipif(not CUDA, reason="the large shape is slow under the interpreter")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_large_vocabulary_on_cuda(dtype):
     run(dtype=dtype, N=300, D=64, V=5003, temperature=1.0)
 
 
-def test_refuses_float64_in_one_line():
-    h, W = torch.zeros(4, 8, dtype=torch.float64), torch.zeros(5, 8, dtype=torch.float64)
+def test_refuses_bad_input_in_one_line():
+    h, W, t = torch.zeros(4, 8), torch.zeros(5, 8), torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match="fp32/bf16/fp16"):
-        kernels_triton.token_logprobs_triton(h, W, torch.zeros(4, dtype=torch.long))
+        kernels_triton.token_logprobs_triton(h.double(), W.double(), t)
+    for args in ((h, torch.zeros(5, 7), t), (h, W, t[:3]), (h[None], W, t)):
+        with pytest.raises(ValueError, match=r"h \[N, d\], W \[V, d\] and targets \[N\]"):
+            kernels_triton.token_logprobs_triton(*args)
+
+
+def test_no_rows():
+    h, W = torch.zeros(0, 8, requires_grad=True), torch.zeros(5, 8, requires_grad=True)
+    out = kernels_triton.token_logprobs_triton(h, W, torch.zeros(0, dtype=torch.long))
+    out.sum().backward()
+    assert out.shape == (0,) and torch.all(W.grad == 0)
