@@ -22,7 +22,8 @@ an expert given as hidden states and a_i the standardised D (an advantage).
   fused          kernels.token_logprobs / token_divergence: vocabulary blocks, 4 GEMMs
   row-chunked    a per-token kernel over 256-row chunks instead (recompute in backward)
   loss-fused     kernels.logprob_loss / distill_loss: the gradients formed in the forward
-  triton         kernels_triton.token_logprobs_triton: logits tiles kept on chip (CUDA only)
+  triton         kernels_triton's token_logprobs_triton / token_reverse_kl_triton: logits tiles
+                 kept on chip (CUDA only)
   cce compile    Apple's Cut Cross-Entropy, linear_cross_entropy(impl="torch_compile"), if installed
   cce triton     its Triton kernels (impl="cce", CUDA only)
 """
@@ -40,7 +41,7 @@ import torch
 SAMPLER = {"sampler small": ("small", 6), "sampler medium": ("medium", 6), "sampler large": ("large", 64)}
 KERNELS = ("floor", "logprobs naive", "logprobs fused", "logprobs row-chunked", "logprobs loss-fused",
            "logprobs triton", "logprobs cce compile", "logprobs cce triton", "reverse_kl naive", "reverse_kl fused",
-           "online naive", "online fused", "online loss-fused")
+           "reverse_kl triton", "online naive", "online fused", "online loss-fused", "online triton")
 PEERS = ("logprobs cce compile", "logprobs cce triton")  # optional: a failure skips the row
 
 
@@ -184,6 +185,13 @@ def kernel_row(kind, a):
         elif kind == "logprobs triton":
             from kernels_triton import token_logprobs_triton
             loss = (token_logprobs_triton(h, W, targets) * u).sum()
+        elif kind == "reverse_kl triton":
+            from kernels_triton import token_reverse_kl_triton
+            loss = (token_reverse_kl_triton(h, W, expert_logits) * u).sum()
+        elif kind == "online triton":
+            from kernels_triton import token_logprobs_triton, token_reverse_kl_triton
+            D = token_reverse_kl_triton(h, W, (he, We))
+            loss = D.sum() + (advantage(D.detach()) * token_logprobs_triton(h, W, targets)).sum()
         elif kind == "logprobs row-chunked":
             loss = (RowChunkedLogprobs.apply(h, W, targets, 256) * u).sum()
         elif "cce" in kind:
@@ -271,7 +279,7 @@ def main():
         if kind.endswith("triton") and a.device != "cuda":
             skipped[kind] = "CUDA only"
             continue
-        if kind == "logprobs triton" and importlib.util.find_spec("triton") is None:
+        if kind.endswith(" triton") and "cce" not in kind and importlib.util.find_spec("triton") is None:
             skipped[kind] = "Triton not installed"
             continue
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", kind], capture_output=True, text=True)

@@ -1,4 +1,4 @@
-"""token_logprobs with its logits tiles kept on chip: two Triton kernels (CUDA; optional).
+"""token_logprobs and the reverse KL with their logits tiles kept on chip: Triton kernels (CUDA; optional).
 
 kernels.py's token_logprobs computes each [N, block] slab of logits with a GEMM, writes it
 to memory and runs a dozen elementwise ops over it; on a GPU those launches, not the
@@ -18,6 +18,12 @@ GEMM output in the input dtype), is summed in fp32. Peak extra memory: grad_W, g
 No gradient filtering: every tile is computed.
 Softmax arithmetic is fp32; the dots take the input dtype (fp32 inputs: exact fp32 dots, no TF32).
 
+token_reverse_kl_triton, online IL's per-token KL(student || expert), works the same way: its
+forward keeps, per tile, both distributions' max and sum of exp and a = sum_k e^(zs_k - ms)
+(zs_k - ze_k) (KL = sum_k q_k (zs_k - ze_k) - lse_s + lse_e, as kernels.py's pass); the
+expert's tile is read from its logits or computed from its hidden states with a second tl.dot;
+its backward writes G = g q (log q - log p - KL) / T and shares the GEMMs above.
+
 Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set before
 import), which is how tests/test_kernels_triton.py checks them on the CPU.
 """
@@ -26,7 +32,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels import IGNORE, token_logprobs
+from kernels import IGNORE, token_divergence, token_logprobs
 
 CHUNK_BYTES = 64 * 2**20  # one [N, C] chunk of G in the backward
 
@@ -92,6 +98,65 @@ def _grad_kernel(H, W, T, LSE, G, OUT, N, V, D, v0, C, stride_h, stride_w, inv_T
              mask=(rows[:, None] < N) & (local[None, :] < C))
 
 
+@triton.jit
+def _expert_tile(ZE, EH, EW, rows, cols, N, V, DE, stride_ze, stride_eh, stride_ew, inv_T,
+                 EXPERT_LOGITS: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """The expert's logits tile / T in fp32, read from its logits or computed from its hidden
+    states; -inf past V (and wherever the expert's own logits are -inf)."""
+    if EXPERT_LOGITS:
+        ze = tl.load(ZE + rows[:, None] * stride_ze + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < V),
+                     other=float("-inf")).to(tl.float32)
+        return tl.where(cols[None, :] < V, ze * inv_T, float("-inf"))
+    return _logits_tile(EH, EW, rows, cols, N, V, DE, stride_eh, stride_ew, inv_T, BM, BV, BK, IEEE)
+
+
+@triton.jit
+def _reverse_kl_kernel(H, W, ZE, EH, EW, MS, SS, ME, SE, A, N, V, D, DE, stride_h, stride_w, stride_ze,
+                       stride_eh, stride_ew, inv_T, EXPERT_LOGITS: tl.constexpr,
+                       BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """Per tile: both distributions' row max and sum of exp, and a = sum_k e^(zs_k - ms)(zs_k - ze_k),
+    since KL(q || p) = sum_k q_k (zs_k - ze_k) - lse_s + lse_e."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)  # int64 offsets, as above
+    tile = tl.program_id(1).to(tl.int64)
+    cols = tile * BV + tl.arange(0, BV)
+    zs = _logits_tile(H, W, rows, cols, N, V, D, stride_h, stride_w, inv_T, BM, BV, BK, IEEE)
+    ze = _expert_tile(ZE, EH, EW, rows, cols, N, V, DE, stride_ze, stride_eh, stride_ew, inv_T,
+                      EXPERT_LOGITS, BM, BV, BK, IEEE)
+    ms = tl.max(zs, 1)
+    es = tl.exp(zs - ms[:, None])
+    me = tl.max(ze, 1)
+    me_safe = tl.where(me > float("-inf"), me, 0.0)  # a tile where the expert is all -inf: sum 0
+    out = tile * N + rows
+    tl.store(MS + out, ms, mask=rows < N)
+    tl.store(SS + out, tl.sum(es, 1), mask=rows < N)
+    tl.store(ME + out, me, mask=rows < N)
+    tl.store(SE + out, tl.sum(tl.exp(ze - me_safe[:, None]), 1), mask=rows < N)
+    tl.store(A + out, tl.sum(tl.where(es > 0, es * (zs - ze), 0.0), 1), mask=rows < N)
+
+
+@triton.jit
+def _reverse_kl_grad_kernel(H, W, ZE, EH, EW, LSE_S, LSE_E, DIV, G, OUT, N, V, D, DE, v0, C, stride_h,
+                            stride_w, stride_ze, stride_eh, stride_ew, inv_T, EXPERT_LOGITS: tl.constexpr,
+                            BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """OUT[:, :C] = d(sum_i g_i KL_i) / dz for columns [v0, v0 + C): g q_k (log q_k - log p_k - KL) / T."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    local = tl.program_id(1).to(tl.int64) * BV + tl.arange(0, BV)
+    cols = v0 + local
+    vmax = tl.minimum(V, v0 + C)
+    zs = _logits_tile(H, W, rows, cols, N, vmax, D, stride_h, stride_w, inv_T, BM, BV, BK, IEEE)
+    ze = _expert_tile(ZE, EH, EW, rows, cols, N, vmax, DE, stride_ze, stride_eh, stride_ew, inv_T,
+                      EXPERT_LOGITS, BM, BV, BK, IEEE)
+    logq = zs - tl.load(LSE_S + rows, mask=rows < N, other=0.0)[:, None]
+    logp = ze - tl.load(LSE_E + rows, mask=rows < N, other=0.0)[:, None]
+    div = tl.load(DIV + rows, mask=rows < N, other=0.0)
+    g = tl.load(G + rows, mask=rows < N, other=0.0)
+    q = tl.exp(logq)
+    dz = tl.where(q > 0, q * (logq - logp - div[:, None]), 0.0) * (g * inv_T)[:, None]
+    tl.store(OUT + rows[:, None] * C + local[None, :], dz.to(OUT.dtype.element_ty),
+             mask=(rows[:, None] < N) & (local[None, :] < C))
+
+
 class _TritonTokenLogprobs(torch.autograd.Function):  # called through token_logprobs_triton
     @staticmethod
     def forward(ctx, h, W, targets, temperature):
@@ -118,40 +183,125 @@ class _TritonTokenLogprobs(torch.autograd.Function):  # called through token_log
     @once_differentiable
     def backward(ctx, grad_out):
         h, W, tgt, valid, lse = ctx.saved_tensors
-        (N, D), V = h.shape, W.shape[0]
-        tile, launch = _config(h.dtype)
         g = torch.where(valid, grad_out.float(), 0.0).contiguous()  # ignored rows: zero gradient
-        grad_h = torch.zeros(N, D, device=h.device) if ctx.needs_input_grad[0] else None  # summed over chunks in fp32
-        grad_W = torch.empty_like(W) if ctx.needs_input_grad[1] else None
-        # chunk width: a multiple of BV that keeps one [N, C] chunk of G within CHUNK_BYTES
-        C = max(tile["BV"], CHUNK_BYTES // (N * h.element_size()) // tile["BV"] * tile["BV"])
-        C = min(C, triton.cdiv(V, tile["BV"]) * tile["BV"])
-        Gc = torch.empty(N * C, device=h.device, dtype=h.dtype)
-        for v0 in range(0, V, C):
-            c = min(C, V - v0)
-            G = Gc[:N * c].view(N, c)  # a short last chunk reuses the same buffer
-            _grad_kernel[(triton.cdiv(N, tile["BM"]), triton.cdiv(c, tile["BV"]))](
-                h, W, tgt, lse, g, G, N, V, D, v0, c, h.stride(0), W.stride(0), 1.0 / ctx.temperature,
-                IEEE=h.dtype == torch.float32, **tile, **launch)
-            if grad_h is not None:
-                grad_h += G @ W[v0:v0 + c]
-            if grad_W is not None:
-                torch.mm(G.T, h, out=grad_W[v0:v0 + c])
-        del Gc, G  # before grad_h's cast
-        return None if grad_h is None else grad_h.to(h.dtype), grad_W, None, None
+
+        def logit_grad(grid, G, v0, c, tile, launch):
+            _grad_kernel[grid](h, W, tgt, lse, g, G, h.shape[0], W.shape[0], h.shape[1], v0, c, h.stride(0),
+                               W.stride(0), 1.0 / ctx.temperature, IEEE=h.dtype == torch.float32, **tile, **launch)
+        return (*_backward_gemms(h, W, logit_grad, ctx.needs_input_grad[:2]), None, None)
+
+
+def _backward_gemms(h, W, logit_grad, needs):
+    """grad_h, grad_W from the logit gradient G, chunk by chunk: logit_grad(grid, G, v0, c, ...)
+    fills G [N, c] for vocabulary columns [v0, v0 + c); then grad_h += G @ W[chunk] (summed in
+    fp32) and grad_W[chunk] = G^T @ h, written once."""
+    (N, D), V = h.shape, W.shape[0]
+    tile, launch = _config(h.dtype)
+    grad_h = torch.zeros(N, D, device=h.device) if needs[0] else None
+    grad_W = torch.empty_like(W) if needs[1] else None
+    # chunk width: a multiple of BV that keeps one [N, C] chunk of G within CHUNK_BYTES
+    C = max(tile["BV"], CHUNK_BYTES // (max(1, N) * h.element_size()) // tile["BV"] * tile["BV"])
+    C = min(C, triton.cdiv(V, tile["BV"]) * tile["BV"])
+    Gc = torch.empty(N * C, device=h.device, dtype=h.dtype)
+    for v0 in range(0, V, C):
+        c = min(C, V - v0)
+        G = Gc[:N * c].view(N, c)  # a short last chunk reuses the same buffer
+        logit_grad((triton.cdiv(N, tile["BM"]), triton.cdiv(c, tile["BV"])), G, v0, c, tile, launch)
+        if grad_h is not None:
+            grad_h += G @ W[v0:v0 + c]
+        if grad_W is not None:
+            torch.mm(G.T, h, out=grad_W[v0:v0 + c])
+    del Gc, G  # before grad_h's cast
+    return None if grad_h is None else grad_h.to(h.dtype), grad_W
+
+
+def _check(h, W, name):
+    """One ValueError line for inputs the kernels cannot take."""
+    if h.dtype not in (torch.float32, torch.bfloat16, torch.float16) or W.dtype != h.dtype:
+        raise ValueError(f"{name} takes fp32/bf16/fp16 h and W of one dtype, not {h.dtype} and {W.dtype}")
+    if h.dim() != 2 or W.dim() != 2 or h.shape[1] != W.shape[1]:
+        raise ValueError(f"{name} takes h [N, d] and W [V, d], not {tuple(h.shape)} and {tuple(W.shape)}")
+    if h.device != W.device:
+        raise ValueError(f"{name}: h and W on {h.device} and {W.device}")
 
 
 def token_logprobs_triton(h, W, targets, temperature=1.0):
     """log p(targets[i] | h[i]) under softmax(h W^T / T), rows with target IGNORE give 0 (and no
     gradient), as kernels.token_logprobs; h [N, d] and W [V, d] fp32, bf16 or fp16, of one dtype
     and on one device with targets [N]; temperature a float. A target outside [0, V) gives NaN."""
-    if h.dtype not in (torch.float32, torch.bfloat16, torch.float16) or W.dtype != h.dtype:
-        raise ValueError(f"token_logprobs_triton takes fp32/bf16/fp16 h and W of one dtype, not {h.dtype} and {W.dtype}")
-    if h.dim() != 2 or W.dim() != 2 or h.shape[1] != W.shape[1] or targets.shape != h.shape[:1]:
+    _check(h, W, "token_logprobs_triton")
+    if targets.shape != h.shape[:1]:
         raise ValueError(f"token_logprobs_triton takes h [N, d], W [V, d] and targets [N], not "
                          f"{tuple(h.shape)}, {tuple(W.shape)} and {tuple(targets.shape)}")
-    if not h.device == W.device == targets.device:
-        raise ValueError(f"token_logprobs_triton: h, W and targets on {h.device}, {W.device} and {targets.device}")
+    if targets.device != h.device:
+        raise ValueError(f"token_logprobs_triton: h and targets on {h.device} and {targets.device}")
     if h.shape[0] == 0:  # nothing to launch
         return token_logprobs(h, W, targets, float(temperature))
     return _TritonTokenLogprobs.apply(h, W, targets, float(temperature))
+
+
+class _TritonReverseKL(torch.autograd.Function):  # called through token_reverse_kl_triton
+    @staticmethod
+    def forward(ctx, h, W, ze, eh, eW, temperature):
+        h, W = h.contiguous(), W.contiguous()
+        (N, D), V = h.shape, W.shape[0]
+        tile, launch = _config(h.dtype)
+        tiles = triton.cdiv(V, tile["BV"])
+        MS, SS, ME, SE, A = torch.empty(5, tiles, N, device=h.device).unbind(0)
+        expert = _expert_args(ze, eh, eW, h)
+        _reverse_kl_kernel[(triton.cdiv(N, tile["BM"]), tiles)](
+            h, W, *expert[:3], MS, SS, ME, SE, A, N, V, D, expert[3], h.stride(0), W.stride(0), *expert[4:],
+            1.0 / temperature, EXPERT_LOGITS=ze is not None, IEEE=h.dtype == torch.float32, **tile, **launch)
+        ms = MS.max(0).values  # combine the tiles, rescaled to the row's max
+        w = torch.exp(MS - ms)
+        ss, a = (SS * w).sum(0), (A * w).sum(0)
+        me = ME.max(0).values
+        lse_s, lse_e = ms + torch.log(ss), me + torch.log((SE * torch.exp(ME - me)).sum(0))
+        div = a / ss - lse_s + lse_e
+        ctx.save_for_backward(h, W, *(x for x in (ze, eh, eW) if x is not None), lse_s, lse_e, div)
+        ctx.temperature, ctx.expert_logits = temperature, ze is not None
+        return div
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        h, W, *expert, lse_s, lse_e, div = ctx.saved_tensors
+        ze, eh, eW = (expert[0], None, None) if ctx.expert_logits else (None, *expert)
+        expert = _expert_args(ze, eh, eW, h)
+        g = grad_out.float().contiguous()
+
+        def logit_grad(grid, G, v0, c, tile, launch):
+            _reverse_kl_grad_kernel[grid](
+                h, W, *expert[:3], lse_s, lse_e, div, g, G, h.shape[0], W.shape[0], h.shape[1], expert[3], v0, c,
+                h.stride(0), W.stride(0), *expert[4:], 1.0 / ctx.temperature, EXPERT_LOGITS=ctx.expert_logits,
+                IEEE=h.dtype == torch.float32, **tile, **launch)
+        return (*_backward_gemms(h, W, logit_grad, ctx.needs_input_grad[:2]), None, None, None, None)
+
+
+def _expert_args(ze, eh, eW, h):
+    """(ZE, EH, EW, DE, stride_ze, stride_eh, stride_ew) for the kernels; the unused form gets
+    h as a placeholder pointer (never read: EXPERT_LOGITS picks the branch at compile time)."""
+    if ze is not None:
+        return ze, h, h, 1, ze.stride(0), 0, 0
+    return h, eh, eW, eh.shape[1], 0, eh.stride(0), eW.stride(0)
+
+
+def token_reverse_kl_triton(h, W, expert, temperature=1.0):
+    """Per-row KL(student || expert) of softmax(h W^T / T) against the expert's softmax, as
+    kernels.token_divergence(h, W, expert, "reverse"): online IL's divergence. expert: its
+    logits [N, V], or (expert_h [N, d_e], expert_W [V, d_e]) evaluated tile by tile; no
+    gradient flows to the expert."""
+    _check(h, W, "token_reverse_kl_triton")
+    if torch.is_tensor(expert):
+        ze, eh, eW = expert.detach().contiguous(), None, None
+        shapes_ok = ze.shape == (h.shape[0], W.shape[0]) and ze.device == h.device
+    else:
+        ze, (eh, eW) = None, (x.detach().contiguous().to(h.dtype) for x in expert)
+        shapes_ok = (eh.dim() == eW.dim() == 2 and eh.shape[0] == h.shape[0] and eW.shape[0] == W.shape[0]
+                     and eh.shape[1] == eW.shape[1] and eh.device == eW.device == h.device)
+    if not shapes_ok:
+        raise ValueError("token_reverse_kl_triton takes expert logits [N, V] or (expert_h [N, d_e], expert_W [V, d_e]) "
+                         f"on h's device, for h [N, d] {tuple(h.shape)} and W [V, d] {tuple(W.shape)}")
+    if h.shape[0] == 0:  # nothing to launch
+        return token_divergence(h, W, expert, "reverse", temperature=float(temperature))
+    return _TritonReverseKL.apply(h, W, ze, eh, eW, float(temperature))

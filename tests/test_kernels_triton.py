@@ -1,4 +1,5 @@
-"""kernels_triton.token_logprobs_triton against float64 log_softmax, values and gradients.
+"""kernels_triton's token_logprobs_triton and token_reverse_kl_triton against float64
+log_softmax, values and gradients.
 
 With a GPU the kernels are compiled and run in fp32, fp16 and bf16. Without one they run under
 Triton's interpreter on the CPU, in fp32 and fp16 (the interpreter's bf16 tl.dot returns
@@ -75,12 +76,50 @@ def check(dtype, N, D, V, temperature, chunk_cols=None, grad_h=True, grad_W=True
         assert mW.grad is None
 
 
-def run(**case):
-    """check(**case) here on a GPU (or if this process runs the interpreter), else in a fresh
-    process under the interpreter."""
+def check_reverse_kl(dtype, N, D, V, temperature, expert="logits", DE=None, chunk_cols=None, grad_W=True,
+                     scale=1.0, seed=0):
+    """expert: "logits" (an [N, V] tensor) or "hidden" ((expert_h [N, DE], expert_W [V, DE]))."""
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(seed)
+    h, W = torch.randn(N, D, generator=g) * scale, torch.randn(V, D, generator=g) / 4
+    eh, eW = torch.randn(N, DE or D, generator=g) * scale, torch.randn(V, DE or D, generator=g) / 4
+    up = torch.randn(N, generator=g)
+    eh, eW = eh.to(dt).double(), eW.to(dt).double()  # the expert as the kernel sees it
+    ze = (eh @ eW.T).to(dt) if expert == "logits" else None
+    mh = h.to(DEVICE, dt).clone().requires_grad_()
+    mW = W.to(DEVICE, dt).clone().requires_grad_(grad_W)
+    given = ze.to(DEVICE) if expert == "logits" else (eh.to(DEVICE, dt), eW.to(DEVICE, dt))
+    saved = kernels_triton.CHUNK_BYTES
+    if chunk_cols:
+        kernels_triton.CHUNK_BYTES = chunk_cols * N * mh.element_size()
+    try:
+        out = kernels_triton.token_reverse_kl_triton(mh, mW, given, temperature)
+        (out * up.to(DEVICE)).sum().backward()
+    finally:
+        kernels_triton.CHUNK_BYTES = saved
+    # the oracle: KL(q || p) = sum_k q_k (log q_k - log p_k), float64 log_softmax of the same inputs
+    rh, rW = h.to(dt).double().requires_grad_(), W.to(dt).double().requires_grad_()
+    logq = torch.log_softmax(rh @ rW.T / temperature, -1)
+    logp = torch.log_softmax((ze.double() if expert == "logits" else eh @ eW.T) / temperature, -1)
+    ref = (logq.exp() * (logq - logp)).sum(-1)
+    (ref * up.double()).sum().backward()
+    # errors measured against each quantity's own scale: at logits ~150 fp32 keeps ~1e-5 of them
+    close = lambda x, r: torch.allclose(x.cpu().double(), r, rtol=TOL[dtype]["rtol"],
+                                        atol=TOL[dtype]["atol"] * max(1.0, r.abs().max().item()))
+    assert out.dtype == torch.float32 and close(out, ref)
+    assert mh.grad.dtype == dt and close(mh.grad, rh.grad)
+    if grad_W:
+        assert mW.grad.dtype == dt and close(mW.grad, rW.grad)
+    else:
+        assert mW.grad is None
+
+
+def run(fn="check", **case):
+    """check(**case) (or fn) here on a GPU (or if this process runs the interpreter), else in a
+    fresh process under the interpreter."""
     if CUDA or os.environ.get("TRITON_INTERPRET") == "1":
-        return check(**case)
-    code = f"from test_kernels_triton import check; check(**{case!r})"
+        return globals()[fn](**case)
+    code = f"from test_kernels_triton import {fn}; {fn}(**{case!r})"
     out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
                          env={**os.environ, "TRITON_INTERPRET": "1",
                               "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE])})
@@ -116,13 +155,42 @@ def test_large_vocabulary_on_cuda(dtype):
     run(dtype=dtype, N=300, D=64, V=5003, temperature=1.0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reverse_kl_from_expert_logits_matches_float64(dtype):
+    # ragged tiles, 128-column chunks with a short last one, T != 1
+    run("check_reverse_kl", dtype=dtype, N=70, D=40, V=301, temperature=0.7, chunk_cols=128)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reverse_kl_from_expert_hidden_states_matches_float64(dtype):
+    # the expert wider than the student (d_e != d), its logits computed tile by tile
+    run("check_reverse_kl", dtype=dtype, N=50, D=24, DE=40, V=200, temperature=1.3, expert="hidden")
+
+
+def test_reverse_kl_large_logits_and_frozen_unembedding():
+    # logits up to ~150: exp overflows without the max subtraction, in both distributions
+    run("check_reverse_kl", dtype="float32", N=40, D=24, V=300, temperature=0.05, scale=2.0, grad_W=False)
+
+
+@pytest.mark.skipif(not CUDA, reason="the large shape is slow under the interpreter")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("expert", ["logits", "hidden"])
+def test_reverse_kl_large_vocabulary_on_cuda(dtype, expert):
+    run("check_reverse_kl", dtype=dtype, N=300, D=64, V=5003, temperature=1.0, expert=expert)
+
+
 def test_refuses_bad_input_in_one_line():
     h, W, t = torch.zeros(4, 8), torch.zeros(5, 8), torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match="fp32/bf16/fp16"):
         kernels_triton.token_logprobs_triton(h.double(), W.double(), t)
-    for args in ((h, torch.zeros(5, 7), t), (h, W, t[:3]), (h[None], W, t)):
-        with pytest.raises(ValueError, match=r"h \[N, d\], W \[V, d\] and targets \[N\]"):
+    for args in ((h, torch.zeros(5, 7), t), (h[None], W, t)):
+        with pytest.raises(ValueError, match=r"h \[N, d\] and W \[V, d\]"):
             kernels_triton.token_logprobs_triton(*args)
+    with pytest.raises(ValueError, match=r"targets \[N\]"):
+        kernels_triton.token_logprobs_triton(h, W, t[:3])
+    for expert in (torch.zeros(4, 6), (torch.zeros(4, 3), torch.zeros(5, 2)), (torch.zeros(3, 3), torch.zeros(5, 3))):
+        with pytest.raises(ValueError, match=r"expert logits \[N, V\] or \(expert_h"):
+            kernels_triton.token_reverse_kl_triton(h, W, expert)
 
 
 def test_no_rows():
@@ -130,3 +198,5 @@ def test_no_rows():
     out = kernels_triton.token_logprobs_triton(h, W, torch.zeros(0, dtype=torch.long))
     out.sum().backward()
     assert out.shape == (0,) and torch.all(W.grad == 0)
+    out = kernels_triton.token_reverse_kl_triton(h, W, torch.zeros(0, 5))
+    assert out.shape == (0,)
