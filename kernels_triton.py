@@ -289,17 +289,21 @@ def _expert_args(ze, eh, eW, h):
 def token_reverse_kl_triton(h, W, expert, temperature=1.0):
     """Per-row KL(student || expert) of softmax(h W^T / T) against the expert's softmax, as
     kernels.token_divergence(h, W, expert, "reverse"): online IL's divergence. expert: its
-    logits [N, V], or (expert_h [N, d_e], expert_W [V, d_e]) evaluated tile by tile; no
-    gradient flows to the expert."""
+    logits [N, V], or (expert_h [N, d_e], expert_W [V, d_e]) evaluated tile by tile, cast to
+    h's dtype (kernels.py keeps the expert's own); no gradient flows to the expert. An expert
+    logit of -inf where the student puts mass gives KL = inf. Like kernels.py, the KL is a
+    difference of O(logit) terms: near zero it carries ~1e-6 of their size (and can dip below 0)."""
     _check(h, W, "token_reverse_kl_triton")
     if torch.is_tensor(expert):
         ze, eh, eW = expert.detach().contiguous(), None, None
         shapes_ok = ze.shape == (h.shape[0], W.shape[0]) and ze.device == h.device
+    elif len(expert) != 2:
+        shapes_ok = False
     else:
         ze, (eh, eW) = None, (x.detach().contiguous().to(h.dtype) for x in expert)
         shapes_ok = (eh.dim() == eW.dim() == 2 and eh.shape[0] == h.shape[0] and eW.shape[0] == W.shape[0]
                      and eh.shape[1] == eW.shape[1] and eh.device == eW.device == h.device)
-    if not shapes_ok:
+    if not shapes_ok:  # one line, whatever was given
         raise ValueError("token_reverse_kl_triton takes expert logits [N, V] or (expert_h [N, d_e], expert_W [V, d_e]) "
                          f"on h's device, for h [N, d] {tuple(h.shape)} and W [V, d] {tuple(W.shape)}")
     if h.shape[0] == 0:  # nothing to launch

@@ -164,12 +164,31 @@ def test_reverse_kl_from_expert_logits_matches_float64(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_reverse_kl_from_expert_hidden_states_matches_float64(dtype):
     # the expert wider than the student (d_e != d), its logits computed tile by tile
-    run("check_reverse_kl", dtype=dtype, N=50, D=24, DE=40, V=200, temperature=1.3, expert="hidden")
+    run("check_reverse_kl", dtype=dtype, N=50, D=24, DE=40, V=200, temperature=1.3, expert="hidden", chunk_cols=64)
 
 
 def test_reverse_kl_large_logits_and_frozen_unembedding():
     # logits up to ~150: exp overflows without the max subtraction, in both distributions
     run("check_reverse_kl", dtype="float32", N=40, D=24, V=300, temperature=0.05, scale=2.0, grad_W=False)
+
+
+def check_reverse_kl_minus_inf():
+    """Expert logits of -inf, as in kernels.py: where the student puts mass, KL = inf; rows
+    where the expert is finite (but -inf over a whole tile elsewhere in the batch) unaffected."""
+    g = torch.Generator().manual_seed(0)
+    N, D, V = 12, 16, 200
+    h, W, ze = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g) / 4, torch.randn(N, V, generator=g)
+    ze[0, 5] = float("-inf")  # one column
+    ze[1, 64:128] = float("-inf")  # a whole fp32 tile (BV = 64)
+    out = kernels_triton.token_reverse_kl_triton(h.to(DEVICE), W.to(DEVICE), ze.to(DEVICE)).cpu()
+    logq = torch.log_softmax(h.double() @ W.double().T, -1)
+    ref = (logq.exp() * (logq - torch.log_softmax(ze.double(), -1))).sum(-1)
+    assert out[0] == float("inf") and out[1] == float("inf") and torch.isinf(ref[:2]).all()
+    assert torch.allclose(out[2:].double(), ref[2:], rtol=1e-4, atol=1e-4)
+
+
+def test_reverse_kl_minus_inf_expert_logits():
+    run("check_reverse_kl_minus_inf")
 
 
 @pytest.mark.skipif(not CUDA, reason="the large shape is slow under the interpreter")
@@ -188,7 +207,8 @@ def test_refuses_bad_input_in_one_line():
             kernels_triton.token_logprobs_triton(*args)
     with pytest.raises(ValueError, match=r"targets \[N\]"):
         kernels_triton.token_logprobs_triton(h, W, t[:3])
-    for expert in (torch.zeros(4, 6), (torch.zeros(4, 3), torch.zeros(5, 2)), (torch.zeros(3, 3), torch.zeros(5, 3))):
+    for expert in (torch.zeros(4, 6), (torch.zeros(4, 3), torch.zeros(5, 2)), (torch.zeros(3, 3), torch.zeros(5, 3)),
+                   (torch.zeros(4, 3),)):
         with pytest.raises(ValueError, match=r"expert logits \[N, V\] or \(expert_h"):
             kernels_triton.token_reverse_kl_triton(h, W, expert)
 
