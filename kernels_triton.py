@@ -157,6 +157,12 @@ def _reverse_kl_grad_kernel(H, W, ZE, EH, EW, LSE_S, LSE_E, DIV, G, OUT, N, V, D
              mask=(rows[:, None] < N) & (local[None, :] < C))
 
 
+def _combine_tiles(M, S):
+    """Per row, the logsumexp from each tile's (max, sum of exp): max + log(sum_j s_j e^(m_j - max))."""
+    m = M.max(0).values
+    return m + torch.log((S * torch.exp(M - m)).sum(0))
+
+
 class _TritonTokenLogprobs(torch.autograd.Function):  # called through token_logprobs_triton
     @staticmethod
     def forward(ctx, h, W, targets, temperature):
@@ -172,9 +178,7 @@ class _TritonTokenLogprobs(torch.autograd.Function):  # called through token_log
         _lse_kernel[(triton.cdiv(N, tile["BM"]), tiles)](
             h, W, tgt, M, S, z_tgt, N, V, D, h.stride(0), W.stride(0), 1.0 / temperature,
             IEEE=h.dtype == torch.float32, **tile, **launch)
-        # combine the tiles' (max, sum): lse = max + log(sum_j s_j exp(m_j - max))
-        m = M.max(0).values
-        lse = m + torch.log((S * torch.exp(M - m)).sum(0))
+        lse = _combine_tiles(M, S)
         ctx.save_for_backward(h, W, tgt, valid, lse)
         ctx.temperature = temperature
         return torch.where(valid, z_tgt - lse, 0.0)
@@ -255,8 +259,7 @@ class _TritonReverseKL(torch.autograd.Function):  # called through token_reverse
         ms = MS.max(0).values  # combine the tiles, rescaled to the row's max
         w = torch.exp(MS - ms)
         ss, a = (SS * w).sum(0), (A * w).sum(0)
-        me = ME.max(0).values
-        lse_s, lse_e = ms + torch.log(ss), me + torch.log((SE * torch.exp(ME - me)).sum(0))
+        lse_s, lse_e = ms + torch.log(ss), _combine_tiles(ME, SE)
         div = a / ss - lse_s + lse_e
         ctx.save_for_backward(h, W, *(x for x in (ze, eh, eW) if x is not None), lse_s, lse_e, div)
         ctx.temperature, ctx.expert_logits = temperature, ze is not None
