@@ -251,10 +251,12 @@ def seed_runs(a, train_args):
 
 
 # Countdown's recipe (README, "Countdown"): the expert is 4 layers deep (2 layers reached 0.69
-# after 15000 steps on seed 0), trained for COUNTDOWN_STEPS, and the warm-start base takes as many
-# steps, so that the realizable student is trained as long as its expert. The misspecified
-# student is the 1-layer small size. --sizes and --train-args (after the recipe) override it.
-COUNTDOWN_SIZES, COUNTDOWN_STEPS, COUNTDOWN_BAR = "4x64x4,small", 12000, 0.8
+# after 15000 steps on seed 0), trained for COUNTDOWN_STEPS (12000 reached 0.8 on 1 seed of 3,
+# 24000 on 2 of 3), and the warm-start base takes as many steps, so that the realizable student
+# is trained as long as its expert. Held out: 1024 prompts, a tighter estimate than 256 for a
+# bar at 0.8. The misspecified student is the 1-layer small size. --sizes and --train-args
+# (after the recipe) override it.
+COUNTDOWN_SIZES, COUNTDOWN_STEPS, COUNTDOWN_BAR = "4x64x4,small", 24000, 0.8
 
 
 def task_recipe(task):
@@ -262,7 +264,8 @@ def task_recipe(task):
     and the ablation."""
     if task == "countdown":
         steps = str(COUNTDOWN_STEPS)
-        return COUNTDOWN_SIZES, ["--expert-steps", steps, "--base-steps", steps, "--eval-every", "500"], COUNTDOWN_BAR
+        return COUNTDOWN_SIZES, ["--expert-steps", steps, "--base-steps", steps, "--eval-every", "1000",
+                                  "--eval-prompts", "1024"], COUNTDOWN_BAR
     return "medium,small", [], 0.95
 
 

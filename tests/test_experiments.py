@@ -192,10 +192,10 @@ def test_countdown_grid_takes_its_recipe_and_number_tokens(tmp_path):
     for log in ("expert-small.log", "base-tiny.log", "online_(γ=0)-tiny.log"):
         with open(tmp_path / "seed0" / "logs" / log) as f:
             cfg = json.loads(next(line for line in f if line.startswith("config: "))[len("config: "):])
-        assert (cfg["task"], cfg["eval_every"], cfg["expert_steps"], cfg["base_steps"]) == ("countdown", 500, 4, 2)
+        assert (cfg["task"], cfg["eval_every"], cfg["expert_steps"], cfg["base_steps"]) == ("countdown", 1000, 4, 2)
         assert (cfg["countdown_format"], cfg["number_tokens"]) == ("steps", True)
     report = (tmp_path / "report.md").read_text()
-    assert "expert reaches >= 0.8" in report and "--expert-steps 12000" in report
+    assert "expert reaches >= 0.8" in report and "--expert-steps 24000" in report
     ck = torch.load(tmp_path / "seed0" / "countdown" / "sft-tiny.pt", weights_only=False)
     assert ck["tokenizer"].startswith("numbers:")
     with open(tmp_path / "seed0" / "logs" / "base-tiny.log") as f:  # it reused the samples base-small drew
