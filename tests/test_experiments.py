@@ -195,7 +195,8 @@ def test_countdown_grid_takes_its_recipe_and_number_tokens(tmp_path):
         assert (cfg["task"], cfg["eval_every"], cfg["expert_steps"], cfg["base_steps"]) == ("countdown", 1000, 4, 2)
         assert (cfg["countdown_format"], cfg["number_tokens"]) == ("steps", True)
     report = (tmp_path / "report.md").read_text()
-    assert "expert reaches >= 0.8" in report and "--expert-steps 24000" in report
+    assert "expert reaches >= 0.8" in report
+    assert "--expert-steps 24000" in report and "--eval-prompts 1024" in report  # the recipe, then --train-args
     ck = torch.load(tmp_path / "seed0" / "countdown" / "sft-tiny.pt", weights_only=False)
     assert ck["tokenizer"].startswith("numbers:")
     with open(tmp_path / "seed0" / "logs" / "base-tiny.log") as f:  # it reused the samples base-small drew
