@@ -256,11 +256,9 @@ class _TritonReverseKL(torch.autograd.Function):  # called through token_reverse
         _reverse_kl_kernel[(triton.cdiv(N, tile["BM"]), tiles)](
             h, W, *expert[:3], MS, SS, ME, SE, A, N, V, D, expert[3], h.stride(0), W.stride(0), *expert[4:],
             1.0 / temperature, EXPERT_LOGITS=ze is not None, IEEE=h.dtype == torch.float32, **tile, **launch)
-        ms = MS.max(0).values  # combine the tiles, rescaled to the row's max
-        w = torch.exp(MS - ms)
-        ss, a = (SS * w).sum(0), (A * w).sum(0)
-        lse_s, lse_e = ms + torch.log(ss), _combine_tiles(ME, SE)
-        div = a / ss - lse_s + lse_e
+        lse_s, lse_e = _combine_tiles(MS, SS), _combine_tiles(ME, SE)
+        # a_j e^(ms_j - lse_s) = sum over tile j of q_k (zs_k - ze_k): summed, the first term of the KL
+        div = (A * torch.exp(MS - lse_s)).sum(0) - lse_s + lse_e
         ctx.save_for_backward(h, W, *(x for x in (ze, eh, eW) if x is not None), lse_s, lse_e, div)
         ctx.temperature, ctx.expert_logits = temperature, ze is not None
         return div
