@@ -22,13 +22,21 @@ The verifiers parse untrusted model text with exact rational arithmetic; nothing
 writes ever reaches eval/exec. Any malformed answer scores 0, never an exception.
 """
 import itertools
+import math
 import re
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 
-from data import randint
+import torch
+
 from errors import UsageError
+
+
+def randint(lo, hi, g):
+    """Uniform integer in [lo, hi] from a seeded torch.Generator (so runs repeat exactly)."""
+    return lo + int(torch.randint(hi - lo + 1, (1,), generator=g))
+
 
 # expressions are (value, text, precedence) with precedence 1 for +-, 2 for */, 3 atoms
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
@@ -131,8 +139,8 @@ def check_steps(nums, target, text):
 class _Parser:
     """Recursive-descent parser with exact rationals; raises ValueError on anything off."""
 
-    def __init__(self, text):
-        self.s, self.i, self.used = text, 0, []
+    def __init__(self, text, max_digits=6):
+        self.s, self.i, self.used, self.max_digits = text, 0, [], max_digits  # numbers of at most max_digits
 
     def parse(self):
         v = self.expr()
@@ -171,7 +179,7 @@ class _Parser:
         j = self.i
         while self.peek().isdigit() and self.peek().isascii():
             self.i += 1
-        if j == self.i or self.i - j > 6:
+        if j == self.i or self.i - j > self.max_digits:
             raise ValueError("expected a number")
         if self.s[j] == "0" and self.i - j > 1:  # 02 or 0003: the ground truth never writes them
             raise ValueError("leading zero")
@@ -202,6 +210,11 @@ class CountdownTask:
     @property
     def max_prompt_len(self):
         return self.n_numbers * (len(str(self.max_number)) + 1) + len(str(self.max_target)) + 1
+
+    @property
+    def n_prompts(self):
+        """At most this many distinct prompts (multisets of numbers times targets)."""
+        return math.comb(self.max_number + self.n_numbers - 1, self.n_numbers) * self.max_target
 
     @property
     def max_response_len(self):
@@ -238,7 +251,7 @@ class CountdownTask:
             return 0.0
         if self.format == "steps":
             return float(check_steps(nums, target, response))
-        parser = _Parser(response)
+        parser = _Parser(response, max_digits=len(str(self.max_number)))  # every given number, no longer
         try:
             value = parser.parse()
         except (ValueError, ZeroDivisionError, RecursionError):

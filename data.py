@@ -37,11 +37,13 @@ Verifiers take the model's text as untrusted: mirror and pointer compare it with
 answers; countdown's (countdown.py) parses it with exact rational arithmetic, and nothing the
 model writes ever reaches eval/exec. Any malformed answer scores 0, never an exception.
 """
+import zlib
 from dataclasses import dataclass
 
 import tiktoken
 import torch
 
+from countdown import CountdownTask, randint  # randint: the seeded draw every task uses
 from errors import UsageError
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -130,11 +132,6 @@ def collate(rows, tok):
 
 
 # ----------------------------------------------------------------------------- tasks
-def randint(lo, hi, g):
-    """Uniform integer in [lo, hi] from a seeded torch.Generator (so runs repeat exactly)."""
-    return lo + int(torch.randint(hi - lo + 1, (1,), generator=g))
-
-
 class _Digits:
     """What mirror and pointer share: a prompt of `digits` random digits and '=', an answer of
     a sign (optional) and H digits, reward 1 for any of the task's valid answers."""
@@ -146,6 +143,10 @@ class _Digits:
     @property
     def max_response_len(self):
         return self.answer_len + self.sign
+
+    @property
+    def n_prompts(self):
+        return 10 ** self.digits
 
     def sample_prompt(self, g):
         return "".join(str(randint(0, 9, g)) for _ in range(self.digits)) + "="
@@ -209,7 +210,6 @@ def task_tokenizer(task):
 def make_task(name, **kwargs):
     if name not in TASKS:
         raise UsageError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
-    from countdown import CountdownTask  # imported here: countdown.py uses this module's randint
     return dict(mirror=MirrorTask, pointer=PointerTask, countdown=CountdownTask)[name](**kwargs)
 
 
@@ -219,8 +219,24 @@ def sample_answer(task, prompt, g):
     return answers[randint(0, len(answers) - 1, g)]
 
 
+# ----------------------------------------------------------------------------- prompts and seeds
+def seed_for(seed, role, rank=0):
+    """The seed of one role's generator (an init, a data stream, a sampler), derived from
+    --seed, the role's name and the rank alone. Every model and stream has its own, so the
+    expert of a seed is the same whatever the student size, mode or order of runs."""
+    return zlib.crc32(f"{seed}/{role}/{rank}".encode())
+
+
+# the role of the prompt stream each kind of run trains on (train.py draws from them; eval.py
+# --draws draws the same prompts again), by the first word of the run's checkpoint name
+PROMPT_STREAMS = dict(expert="expert/prompts", base="base/data", sft="sft/data", onpolicy="online/prompts")
+
+
 def eval_prompts(task, n, seed=1234):
     """Held-out prompts fixed by a seed; training prompts exclude them (see PromptStream)."""
+    if n >= task.n_prompts:  # at once, not after drawing for minutes
+        raise UsageError(f"task {task.name} has at most {task.n_prompts:,} distinct prompts: --eval-prompts {n:,} "
+                         f"would leave none (or too few) to train on")
     g = torch.Generator().manual_seed(seed)
     out, seen = [], set()
     for _ in range(50 * n):

@@ -1,39 +1,27 @@
 """Online imitation learning (on-policy distillation): the student learns at its own states.
 
-Each step the student samples responses to a batch of prompts (KV cache, no grad), the
-expert scores every token of them (no grad), and the student minimises the sequence-level
-reverse KL, the objective the paper analyses (the whole response is one action, so H=1 is a
-single prompt-response):
+Each step the student samples responses to a batch of prompts (KV cache, no grad), the expert
+scores every token of them, and the student minimises the sequence-level reverse KL, the
+objective the paper analyses (the whole response is one action: H=1 is one prompt-response):
     J = KL(pi_s(y|x) || pi_e(y|x)) = E_{y~pi_s} sum_t D_t,
-    D_t = KL(pi_s(.|x,y_<t) || pi_e(.|x,y_<t))      (full-vocabulary, per student prefix)
-Its exact gradient has two parts:
-    grad J = E[ sum_t grad D_t (prefix held fixed) ]
-           + E[ sum_s grad log pi_s(y_s|x,y_<s) * sum_{t>s} gamma^(t-s) D_t ]
-The second (score-function, REINFORCE) term is the one that matters under misspecification:
-it tells the first token which *mode* to commit to by what that choice costs later.
-gamma=1 (default) is the exact sequence-level gradient. gamma=0 drops it and leaves the
-per-token objective of GKD/TRL and of Thinking Machines' recipe: at a prefix the student
-cannot tell apart (it cannot see which mode it started), per-token KL is minimised by one
-distribution for both modes (the normalised geometric mean of the expert's conditionals; about
-50/50 on mirror by symmetry, like SFT's), so gamma=0 gains little over SFT there.
+    D_t = KL(pi_s(.|x,y_<t) || pi_e(.|x,y_<t))      (full vocabulary, at each student prefix)
+    grad J = E[ sum_t grad D_t ]                                  (prefix held fixed)
+           + E[ sum_s grad log pi_s(y_s|x,y_<s) * sum_{t>s} gamma^(t-s) D_t ]     (REINFORCE)
+online_loss() below is that gradient as a per-token surrogate. Its second term is the one that
+matters under misspecification: it tells the first token which *mode* to commit to by what the
+choice costs later. gamma=1 is the exact sequence-level gradient; gamma=0 drops the term and
+leaves the per-token objective of GKD/TRL, which at a prefix the student cannot tell apart is
+minimised by one distribution for both modes, so it gains little over SFT there.
 
---temperature T samples the rollouts from softmax(z / T), and every score (D, log pi_s,
-log pi_e) is taken at T too: the objective is KL(pi_s^T || pi_e^T), and its REINFORCE term
-stays on-policy.
+Simplified against a full RL recipe: the baseline is the leave-one-out batch mean of the return
+at each position; advantages are divided by their std floored at 1 nat (which only ever shrinks
+the REINFORCE term); the gradient norm is clipped. Every score is taken at the sampling
+temperature T, so the objective is KL(pi_s^T || pi_e^T) and the REINFORCE term stays on-policy.
+Variants, each a function of its own: the sampled-token estimator (sampled_token_loss), GKD
+mixing of expert rows (rollouts, --mix), other divergences at the student's states (--divergence).
 
-Simplifications: the baseline is the leave-one-out batch mean of the return at each position;
-advantages are divided by their std (--normalize-adv) floored at 1 nat, which rescales the
-REINFORCE term relative to the first (down, never up); the gradient norm is clipped.
-Options: --estimator sampled uses the sampled-token cost c_t = log pi_s(y_t) - log pi_e(y_t)
-in place of D (Thinking Machines style at gamma=0: no full-vocabulary term, return
-sum_{t>=s} gamma^(t-s) c_t; a reverse-KL estimator on the student's own rows, so it takes no
---divergence or --mix); --divergence forward|jsd uses that divergence at the student's states;
---mix lambda draws that fraction of each batch from the expert (GKD), with no score-function
-term on those rows.
-
-Run: python train.py --mode onpolicy   (flags: python train.py --help).
-This file is structurally parallel to sft.py: `diff sft.py distill.py` shows where the states
-come from (rollouts() here, expert_dataset() there) and the loss (loss() in each).
+Run: python train.py --mode onpolicy. This file is parallel to sft.py: `diff sft.py distill.py`
+shows where the states come from (rollouts here, expert_dataset there) and the loss.
 """
 import time
 
@@ -62,6 +50,54 @@ def rollouts(student, expert, prompt_texts, tok, task, cfg, generator, device):
     return dict(**batch, on_policy=torch.arange(len(prompt_texts), device=device) >= n, texts=prompt_texts)
 
 
+def scores(run, expert, batch, cfg):
+    """The student's and the expert's final hidden states at every response position of the
+    batch, flattened to [B*R, d], and the targets (IGNORE on padding)."""
+    prompt, pvalid, resp, rmask = batch["prompt"], batch["prompt_valid"], batch["response"], batch["response_mask"]
+    with run.autocast():
+        with torch.no_grad():
+            h_e = response_hidden(expert, prompt, pvalid, resp, rmask).flatten(0, 1)
+        h = response_hidden(run.model, prompt, pvalid, resp, rmask).flatten(0, 1)
+    return h, h_e, torch.where(rmask, resp, IGNORE).flatten()
+
+
+def online_loss(run, expert, batch, cfg):
+    """Online IL's per-token surrogate [B, R] (0 on padding), whose gradient is grad J above,
+    and D [B, R], the per-token divergence (logged as kl)."""
+    mask, T = batch["response_mask"], cfg.temperature
+    own = batch["on_policy"][:, None] & mask  # the REINFORCE term: the student's own rows only
+    h, h_e, targets = scores(run, expert, batch, cfg)
+    W, valid = unwrap(run.model).unembedding, mask.flatten()
+    # D_t: the full-vocabulary divergence at each of the student's prefixes (reverse KL by default)
+    D = torch.zeros(mask.shape, device=mask.device)
+    D[mask] = token_divergence(h[valid], W, (h_e[valid], expert.unembedding), cfg.divergence, beta=cfg.beta,
+                               temperature=T, fused=cfg.fused)
+    logq = token_logprobs(h, W, targets, temperature=T, fused=cfg.fused).view(mask.shape)  # log pi_s(y_t)
+    # the return of each token: what writing it cost later, sum_{t>s} gamma^(t-s) D_t (no gradient)
+    returns = returns_to_go(D.detach(), mask, cfg.gamma, include_current=False)
+    # the advantage: minus the leave-one-out mean of the other rows' returns there, / its std
+    adv = advantages(returns, own, cfg.baseline, cfg.normalize_adv, total=run.global_sum if run.world > 1 else None)
+    return D * mask + adv * logq * own, D
+
+
+def sampled_token_loss(run, expert, batch, cfg):
+    """The sampled-token estimator (--estimator sampled; Thinking Machines' recipe at gamma=0):
+    the cost of each token is log pi_s(y_t) - log pi_e(y_t), the one-sample estimate of D_t, and
+    only the REINFORCE term is left, with return sum_{t>=s} gamma^(t-s) cost_t. No
+    full-vocabulary term in the gradient; D is computed for the log only."""
+    mask, T = batch["response_mask"], cfg.temperature
+    h, h_e, targets = scores(run, expert, batch, cfg)
+    W, valid = unwrap(run.model).unembedding, mask.flatten()
+    with torch.no_grad():
+        D = torch.zeros(mask.shape, device=mask.device)
+        D[mask] = token_divergence(h[valid], W, (h_e[valid], expert.unembedding), "reverse", temperature=T,
+                                   fused=cfg.fused)
+        logp = token_logprobs(h_e, expert.unembedding, targets, temperature=T, fused=cfg.fused).view(mask.shape)
+    logq = token_logprobs(h, W, targets, temperature=T, fused=cfg.fused).view(mask.shape)
+    returns = returns_to_go((logq.detach() - logp) * mask, mask, cfg.gamma, include_current=True)
+    return advantages(returns, mask, cfg.baseline, cfg.normalize_adv, total=run.global_sum if run.world > 1 else None) * logq, D
+
+
 def returns_to_go(cost, mask, gamma, include_current):
     """sum_{t>s} gamma^(t-s) cost_t per row [B, R] (include_current: t >= s).
     gamma=0 leaves only the current cost, or nothing: the per-token objective."""
@@ -74,62 +110,43 @@ def returns_to_go(cost, mask, gamma, include_current):
     return out * mask
 
 
-def advantages(returns, mask, baseline=True, normalize=True, std_floor=1.0):
+def advantages(returns, mask, baseline=True, normalize=True, std_floor=1.0, total=None):
     """Returns minus a leave-one-out baseline: at each position, the mean return of the *other*
     rows there (it does not depend on the row's own tokens, so the gradient stays unbiased; a
     row alone at its position gets no baseline). normalize: divide by the std over all tokens,
-    but never by less than std_floor (nats), so normalising can shrink the score-function term
-    and never blows noise up to unit scale once the returns are nearly constant."""
+    never by less than std_floor (nats), so normalising only ever shrinks the REINFORCE term.
+    total(x): x summed over every rank (torchrun), so that both are the global batch's; None on
+    one process."""
     adv = returns * mask
+    if total is None:
+        if baseline:
+            n, sums = mask.sum(0), (returns * mask).sum(0)
+            others = torch.where(n > 1, (sums - returns) / (n - 1).clamp(min=1), 0.0)
+            adv = (returns - others) * mask
+        if normalize and mask.sum() > 1:
+            adv = adv / adv[mask].std().clamp(min=std_floor)
+        return adv
+    # the same statistics over the ranks' rows: padded to the longest response of any rank
+    R = int(total(torch.tensor(mask.shape[1])).item())  # an upper bound on every rank's width
+    per_pos = torch.zeros(2, R, device=mask.device)
+    per_pos[0, :mask.shape[1]], per_pos[1, :mask.shape[1]] = mask.sum(0), (returns * mask).sum(0)
+    n, sums = total(per_pos)[:, :mask.shape[1]]
     if baseline:
-        n, total = mask.sum(0), (returns * mask).sum(0)
-        others = torch.where(n > 1, (total - returns) / (n - 1).clamp(min=1), 0.0)
+        others = torch.where(n > 1, (sums - returns) / (n - 1).clamp(min=1), 0.0)
         adv = (returns - others) * mask
-    if normalize and mask.sum() > 1:
-        adv = adv / adv[mask].std().clamp(min=std_floor)
+    if normalize:
+        count, s1 = total(torch.stack([mask.sum().float(), adv[mask].sum()]))
+        if count > 1:
+            s2 = total(((adv[mask] - s1 / count) ** 2).sum())
+            adv = adv / (s2 / (count - 1)).sqrt().clamp(min=std_floor)
     return adv
-
-
-def sequence_kl_surrogate(D, logq, mask, gamma, on_policy=None, baseline=True, normalize=True):
-    """Per-token surrogate whose gradient is the two-part gradient of the sequence-level
-    divergence: D_t (prefix held fixed) + stop_grad(advantage_t) * log pi_s(y_t).
-    With baseline=normalize=False its expectation's gradient is exact (tests/test_distill.py)."""
-    on_policy = mask if on_policy is None else mask & on_policy
-    returns = returns_to_go(D.detach(), mask, gamma, include_current=False)
-    return D * mask + advantages(returns, on_policy, baseline, normalize) * logq * on_policy
-
-
-def loss(run, expert, batch, cfg):
-    """Per-token surrogate [B, R] at the batch's states (0 on padding), whose gradient is the
-    two-part gradient above, and the per-token divergence D [B, R] (logged as kl)."""
-    prompt, pvalid, resp, rmask = batch["prompt"], batch["prompt_valid"], batch["response"], batch["response_mask"]
-    on_policy = batch["on_policy"][:, None] & rmask  # no score-function term on the expert's rows
-    with run.autocast():
-        with torch.no_grad():
-            h_e = response_hidden(expert, prompt, pvalid, resp, rmask).flatten(0, 1)
-        h = response_hidden(run.model, prompt, pvalid, resp, rmask).flatten(0, 1)
-    W, valid = unwrap(run.model).unembedding, rmask.flatten()
-    targets = torch.where(valid, resp.flatten(), IGNORE)
-    # every score at the sampling temperature T: the rollouts come from softmax(z / T), so that is
-    # the policy whose divergence this is and whose score function is on-policy
-    T, D = cfg.temperature, torch.zeros(rmask.shape, device=rmask.device)
-    with torch.set_grad_enabled(cfg.estimator == "full"):  # "sampled" only logs it
-        D[rmask] = token_divergence(h[valid], W, (h_e[valid], expert.unembedding), cfg.divergence,
-                                    beta=cfg.beta, temperature=T, fused=cfg.fused)
-    logq = token_logprobs(h, W, targets, temperature=T, fused=cfg.fused).view(rmask.shape)
-    if cfg.estimator == "full":
-        return sequence_kl_surrogate(D, logq, rmask, cfg.gamma, on_policy, cfg.baseline, cfg.normalize_adv), D
-    with torch.no_grad():  # sampled-token cost: the one-sample estimate of D_t, no full-vocabulary term
-        logp = token_logprobs(h_e, expert.unembedding, targets, temperature=T).view(rmask.shape)
-    cost = (logq.detach() - logp) * rmask
-    returns = returns_to_go(cost, rmask, cfg.gamma, include_current=True)
-    return advantages(returns, on_policy, cfg.baseline, cfg.normalize_adv) * logq, D
 
 
 def train(run, expert, prompts, tok, task, cfg):
     """Online IL. `run` (runtime.py) owns the model, optimizer, logging, checkpoints and ranks;
     this loop holds the algorithm."""
     B = cfg.batch_size // run.world
+    loss = sampled_token_loss if cfg.estimator == "sampled" else online_loss
     for step in run.steps():
         # ---- states: the student's own rollouts (online); the expert scores every token
         t0 = time.time()
@@ -141,8 +158,9 @@ def train(run, expert, prompts, tok, task, cfg):
         n_tokens = run.global_sum(rmask.sum())
         objective = per_token.sum() / n_tokens * run.world  # DDP averages over ranks
         grad_norm = run.optimize(objective)
-        texts = [t for t, o in zip(batch["texts"], own) if o]
+        own_rows = own.nonzero().flatten().tolist()  # one copy to the host, not one sync per row
+        texts = [batch["texts"][i] for i in own_rows]
         reward = sum(map(task.reward, texts, decode_responses(tok, batch["response"][own], rmask[own]))) / len(texts)
         run.log(step, loss=objective.item(), grad_norm=grad_norm, reward=reward,
-                kl=D.detach().sum(1)[own].mean().item(), student_tokens=int(rmask[own].sum()),
-                expert_tokens=int(rmask.sum()), tok_per_s=int(rmask.sum()) / (time.time() - t0 + 1e-9))
+                kl=D.detach().sum(1)[own].mean().item(), student_tokens=int(run.global_sum(rmask[own].sum())),
+                expert_tokens=int(n_tokens), tok_per_s=int(rmask.sum()) / (time.time() - t0 + 1e-9))

@@ -1,11 +1,9 @@
-"""Evaluate checkpoints; the command line for the experiments (experiments.py).
+"""The metrics, how results are shown (tables, text plots, report.md), and one checkpoint's evaluation.
 
     python eval.py out/mirror/onpolicy-small-g1.pt    # one checkpoint: metrics + samples, against the
                                                      # expert.pt beside it (its fingerprint must match)
     python eval.py out/mirror/expert.pt --draws 8    # + the reward over 8 samplings, held-out and
                                                      # on the prompts it trained on
-    python eval.py --grid --seeds 3                  # the paper's table, from scratch
-    python eval.py --help                            # the other experiments
 
 Metrics (held-out prompts, disjoint from training prompts):
   reward         mean verifier reward of responses sampled at temperature 1
@@ -21,14 +19,19 @@ Metrics (held-out prompts, disjoint from training prompts):
 """
 import json
 import os
+import platform
+import subprocess
 import sys
+import time
 from dataclasses import asdict
 
 import torch
 
 from countdown import countdown_mistakes
-from data import decode_responses, encode_prompts, encode_responses
+from data import (PROMPT_STREAMS, PromptStream, decode_responses, encode_prompts, encode_responses, eval_prompts,
+                  make_task, seed_for, task_tokenizer)
 from errors import OneLineParser, UsageError
+from model import fingerprint, load_checkpoint, response_logprobs
 
 
 @torch.no_grad()
@@ -65,14 +68,11 @@ def reward_draws(model, tok, task, prompts, seeds):
 def training_prompts(task, held_out, name, seed, n):
     """The first n prompts the run that wrote checkpoint `name` trained on, drawn again from
     its own stream (a warm-started student saw its base's prompts too; these are its own)."""
-    from data import PromptStream
-    from runtime import PROMPT_STREAMS, seed_for
     return PromptStream(task, held_out, seed=seed_for(seed, PROMPT_STREAMS[name.split("-")[0]])).batch(n)
 
 
 def sequence_logprob(model, batch):
     """log pi(y|x) of whole responses [B]."""
-    from model import response_logprobs
     return response_logprobs(model, *batch).sum(1)
 
 
@@ -92,7 +92,6 @@ def first_errors(task, prompts, texts):
 def follow_rates(model, tok, task, prompts, max_answers=8):
     """Per answer position (the end token last), the mean probability of each valid answer's
     next token given its own correct prefix: how well the model can keep to any one answer."""
-    from model import response_logprobs
     pairs = [(p, a) for p in prompts for a in task.answers(p)[:max_answers]]
     dev = next(model.parameters()).device
     prompt, pvalid = encode_prompts(tok, [p for p, _ in pairs], dev)
@@ -163,84 +162,91 @@ def reward_curve(metrics_paths, width=24):
     return f"[{sparkline(picks)}] {mean[0]:.2f} -> {mean[-1]:.2f} by step {series[0][n - 1]['step']}"
 
 
+# ----------------------------------------------------------------------------- tables and reports
+def mean_std(xs):
+    t = torch.tensor(xs, dtype=torch.float64)
+    return f"{t.mean():.3f} ± {t.std() if len(xs) > 1 else 0:.3f}"
+
+
+def table(corner, rows, columns, cell):
+    """A fixed-width text table as a list of lines; rows, columns: labels; cell(row, column) -> text."""
+    width = max(len(corner), *(len(r) for r in rows)) + 1
+    widths = [max(15, len(c)) for c in columns]
+    lines = [f"{corner:<{width}}| " + " | ".join(f"{c:^{w}}" for c, w in zip(columns, widths))]
+    lines += [f"{r:<{width}}| " + " | ".join(f"{cell(r, c):^{w}}" for c, w in zip(columns, widths)) for r in rows]
+    return lines
+
+
+class Report:
+    """What an experiment prints, kept to be written as report.md at the end (for a slide or
+    a course page): each section's title and its text block, the command, wall time, machine
+    and commit."""
+
+    def __init__(self, title):
+        self.title, self.sections, self.t0 = title, [], time.time()
+
+    def add(self, heading, lines):
+        print(f"\n{heading}\n" + "\n".join(lines), flush=True)
+        self.sections.append((heading, lines))
+
+    def write(self, folder, name="report.md"):
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+        except OSError:
+            commit = "unknown"
+        head = [f"# {self.title}", "", f"- command: `python {' '.join(sys.argv)}`",
+                f"- wall time: {(time.time() - self.t0) / 60:.1f} min", f"- machine: {machine()}",
+                f"- commit: {commit}", ""]
+        body = [x for h, lines in self.sections for x in (f"## {h}", "", "```", *lines, "```", "")]
+        path = os.path.join(folder, name)
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "w") as f:
+            f.write("\n".join(head + body))
+        print(f"\nwrote {path}")
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
 def main(argv=None):
-    p = OneLineParser(description="Evaluate a checkpoint, or run one of the experiments.")
-    p.add_argument("checkpoint", nargs="?", help="a student checkpoint to evaluate against its expert")
+    p = OneLineParser(description="Evaluate a checkpoint against its expert: every metric, and a few marked samples.")
+    p.add_argument("checkpoint", help="a checkpoint written by train.py")
     p.add_argument("--expert", default="", help="the checkpoint's expert (default: expert.pt beside it)")
-    p.add_argument("--draws", type=int, default=0, help="checkpoint: also the reward over this many samplings, on the "
-                   "held-out prompts and on as many of the prompts it trained on (how much it generalizes)")
-    p.add_argument("--grid", action="store_true", help="the realizability table: expert, SFT, online students")
-    p.add_argument("--ablation", action="store_true", help="the ingredients of online IL, misspecified student")
-    p.add_argument("--horizon", action="store_true", help="reward vs horizon H on the pointer task")
-    p.add_argument("--quick", action="store_true", help="horizon: seed 0 alone (the same runs as seed 0 of the full sweep)")
-    p.add_argument("--toy", action="store_true", help="the exact H=1 forward vs reverse KL projections")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
-    p.add_argument("--jobs", type=int, default=2, help="training runs in parallel")
-    p.add_argument("--task", default="mirror", choices=("mirror", "pointer", "countdown"), help="task (grid, ablation)")
-    p.add_argument("--sizes", default="", help="the expert's size, then the misspecified size(s) (default: medium,small; "
-                   "countdown 4x64x4,small)")
-    p.add_argument("--horizons", default="1,16", help="horizon: the values of H (each one adds a full grid per seed)")
-    p.add_argument("--out-dir", default="", help="where runs go (default out/<experiment>)")
-    p.add_argument("--train-args", default="", help="extra flags for every train.py run, quoted")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--train-args" in argv[:-1]:  # its value starts with "--": glue it on, or argparse takes it for a flag
-        i = argv.index("--train-args")
-        argv[i:i + 2] = [f"--train-args={argv[i + 1]}"]
+    p.add_argument("--draws", type=int, default=0, help="also the reward over this many samplings, on the held-out "
+                   "prompts and on as many of the prompts it trained on (how much it generalizes)")
     a = p.parse_args(argv)
-    experiments = [k for k in ("grid", "ablation", "horizon") if getattr(a, k)]
-    if len(experiments) > 1:
-        p.error("choose one of --grid, --ablation, --horizon")
-    if a.seeds < 1 or a.jobs < 1:
-        p.error("--seeds and --jobs must be >= 1")
-    if a.draws < 0 or (a.draws and not a.checkpoint):
-        p.error("--draws goes with a checkpoint, and is >= 0")
-    if not a.sizes:
-        from experiments import task_recipe
-        a.sizes = task_recipe("pointer" if experiments == ["horizon"] else a.task)[0]
-    sizes = a.sizes.split(",")
-    if not all(sizes) or len(set(sizes)) < len(sizes) or ("ablation" in experiments and len(sizes) < 2):
-        p.error(f"--sizes {a.sizes!r}: give the expert's size, then the other student size(s), each once, e.g. medium,small")
-    if not all(h.isdigit() and int(h) >= 1 for h in a.horizons.split(",")):
-        p.error(f"--horizons {a.horizons!r}: give answer lengths H >= 1, e.g. 1,2,4,8")
-    if a.quick:
-        if "horizon" not in experiments:
-            p.error("--quick goes with --horizon")
-        a.seeds = 1
-    if experiments:
-        import experiments as run
-        a.out_dir = a.out_dir or os.path.join("out", experiments[0] + ("-quick" if a.quick else ""))
-        train_args = ["--task", a.task, *a.train_args.split()] if experiments[0] != "horizon" else a.train_args.split()
-        {"grid": run.grid, "ablation": run.ablation, "horizon": run.horizon}[experiments[0]](a, train_args)
-    elif a.toy:
-        import experiments as run
-        run.run_toy(a.out_dir or os.path.join("out", "toy"))
-    elif a.checkpoint:
-        from data import eval_prompts, make_task, task_tokenizer
-        from model import fingerprint, load_checkpoint
-        model, ck = load_checkpoint(a.checkpoint)
-        if not {"task", "tokenizer", "config", "seed", "name"} <= set(ck):
-            raise UsageError(f"{a.checkpoint}: not a checkpoint written by train.py")
-        expert_path = a.expert or os.path.join(os.path.dirname(a.checkpoint), "expert.pt")
-        expert, _ = load_checkpoint(expert_path, expect=dict(task=ck["task"], tokenizer=ck["tokenizer"]))
-        if ck["name"] != "expert" and ck.get("expert") != fingerprint(expert):  # a retrained or another expert
-            raise UsageError(f"{expert_path} (fingerprint {fingerprint(expert)}) is not the expert {a.checkpoint} "
-                             f"was trained against ({ck.get('expert') or 'none recorded'}); name that one with --expert")
-        task = make_task(ck["task"]["name"], **{k: v for k, v in ck["task"].items() if k != "name"})
-        tok = task_tokenizer(task)
-        if tok.identity != ck["tokenizer"] or asdict(task) != ck["task"]:  # e.g. countdown before number tokens
-            raise UsageError(f"{a.checkpoint} was made by an older version of the task or tokenizer "
-                             f"({ck['tokenizer'][:8]}..., {ck['task']}); train it again")
-        from runtime import seed_for
-        prompts = eval_prompts(task, ck["config"]["eval_prompts"], seed=seed_for(ck["seed"], "held-out"))
-        print(describe(a.checkpoint, evaluate(model, expert, tok, task, prompts, seed=ck["seed"]), len(prompts)))
-        if a.draws:
-            own = training_prompts(task, prompts, ck["name"], ck["seed"], len(prompts))
-            for name, ps in (("held-out", prompts), ("training", own)):
-                r = reward_draws(model, tok, task, ps, [seed_for(ck["seed"], f"draws/{name}/{i}") for i in range(a.draws)])
-                print(f"  {name} prompts ({len(ps)}), reward over {a.draws} sampling(s): {sum(r) / len(r):.3f} "
-                      f"(one sampling: {min(r):.3f} to {max(r):.3f})")
-    else:
-        p.error("give a checkpoint, or one of --grid, --ablation, --horizon, --toy")
+    if a.draws < 0:
+        p.error("--draws must be >= 0")
+    model, ck = load_checkpoint(a.checkpoint)
+    if not {"task", "tokenizer", "config", "seed", "name"} <= set(ck):
+        raise UsageError(f"{a.checkpoint}: not a checkpoint written by train.py")
+    expert_path = a.expert or os.path.join(os.path.dirname(a.checkpoint), "expert.pt")
+    expert, _ = load_checkpoint(expert_path, expect=dict(task=ck["task"], tokenizer=ck["tokenizer"]))
+    if ck["name"] != "expert" and ck.get("expert") != fingerprint(expert):  # a retrained or another expert
+        raise UsageError(f"{expert_path} (fingerprint {fingerprint(expert)}) is not the expert {a.checkpoint} "
+                         f"was trained against ({ck.get('expert') or 'none recorded'}); name that one with --expert")
+    task = make_task(ck["task"]["name"], **{k: v for k, v in ck["task"].items() if k != "name"})
+    tok = task_tokenizer(task)
+    if tok.identity != ck["tokenizer"] or asdict(task) != ck["task"]:  # e.g. countdown before number tokens
+        raise UsageError(f"{a.checkpoint} was made by an older version of the task or tokenizer "
+                         f"({ck['tokenizer'][:8]}..., {ck['task']}); train it again")
+    prompts = eval_prompts(task, ck["config"]["eval_prompts"], seed=seed_for(ck["seed"], "held-out"))
+    print(describe(a.checkpoint, evaluate(model, expert, tok, task, prompts, seed=ck["seed"]), len(prompts)))
+    if a.draws:
+        own = training_prompts(task, prompts, ck["name"], ck["seed"], len(prompts))
+        for name, ps in (("held-out", prompts), ("training", own)):
+            r = reward_draws(model, tok, task, ps, [seed_for(ck["seed"], f"draws/{name}/{i}") for i in range(a.draws)])
+            print(f"  {name} prompts ({len(ps)}), reward over {a.draws} sampling(s): {sum(r) / len(r):.3f} "
+                  f"(one sampling: {min(r):.3f} to {max(r):.3f})")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """The experiments, end to end from an empty folder: each trains what it needs with train.py
 (one torch thread per job, --jobs at a time), prints its tables, and writes report.md.
 
-    python eval.py --grid --seeds 3        # realizable vs misspecified: expert, SFT, online IL
-    python eval.py --ablation --seeds 3    # which ingredient of online IL carries the win
-    python eval.py --horizon --seeds 3     # reward vs horizon H on the pointer task
-    python eval.py --toy                   # the exact H=1 projections
+    python experiments.py --grid --seeds 3        # realizable vs misspecified: expert, SFT, online IL
+    python experiments.py --ablation --seeds 3    # which ingredient of online IL carries the win
+    python experiments.py --horizon --seeds 3     # reward vs horizon H on the pointer task
+    (python toy.py: the exact H=1 projections, no training)
 
 A finished job leaves <run>.result.json with its settings; a rerun skips it (and refuses one
 made with other settings), so an interrupted experiment continues where it stopped (and a
@@ -12,17 +12,22 @@ grid's runs can be shared with the ablation).
 """
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, fields
 
-import torch
+try:  # optional: reward_vs_step.png beside the text plots
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError:
+    plt = None
 
-from errors import UsageError
-from eval import reward_curve, sparkline
+from errors import OneLineParser, UsageError
+from eval import Report, mean_std, reward_curve, table
+from train import Config, parse_args
 
 # A method is (column label, train.py flags, the run name train.py gives it for a student size).
 EXPERT = ("expert", ["--mode", "expert"], lambda s: "expert")
@@ -83,7 +88,6 @@ def run_jobs(jobs, parallel):
 def check_done(done_file, argv):
     """A finished run is reused only if train.py was given these very settings: an out-dir left
     by another recipe (other steps, lr, sizes) is an error, never silently mixed in."""
-    from train import Config, parse_args
     with open(done_file) as f:
         made = json.load(f).get("config")
     want = asdict(parse_args(["--threads", "1", *argv]))
@@ -130,60 +134,6 @@ def read_results(run_dirs, task, student_sizes, methods):
 
 
 # ----------------------------------------------------------------------------- tables and reports
-def mean_std(xs):
-    t = torch.tensor(xs, dtype=torch.float64)
-    return f"{t.mean():.3f} ± {t.std() if len(xs) > 1 else 0:.3f}"
-
-
-def table(corner, rows, columns, cell):
-    """A fixed-width text table as a list of lines; rows, columns: labels; cell(row, column) -> text."""
-    width = max(len(corner), *(len(r) for r in rows)) + 1
-    widths = [max(15, len(c)) for c in columns]
-    lines = [f"{corner:<{width}}| " + " | ".join(f"{c:^{w}}" for c, w in zip(columns, widths))]
-    lines += [f"{r:<{width}}| " + " | ".join(f"{cell(r, c):^{w}}" for c, w in zip(columns, widths)) for r in rows]
-    return lines
-
-
-class Report:
-    """What an experiment prints, kept to be written as report.md at the end (for a slide or
-    a course page): each section's title and its text block, the command, wall time, machine
-    and commit."""
-
-    def __init__(self, title):
-        self.title, self.sections, self.t0 = title, [], time.time()
-
-    def add(self, heading, lines):
-        print(f"\n{heading}\n" + "\n".join(lines), flush=True)
-        self.sections.append((heading, lines))
-
-    def write(self, folder, name="report.md"):
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-        except OSError:
-            commit = "unknown"
-        head = [f"# {self.title}", "", f"- command: `python {' '.join(sys.argv)}`",
-                f"- wall time: {(time.time() - self.t0) / 60:.1f} min", f"- machine: {machine()}",
-                f"- commit: {commit}", ""]
-        body = [x for h, lines in self.sections for x in (f"## {h}", "", "```", *lines, "```", "")]
-        path = os.path.join(folder, name)
-        os.makedirs(folder, exist_ok=True)
-        with open(path, "w") as f:
-            f.write("\n".join(head + body))
-        print(f"\nwrote {path}")
-
-
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}, Python {platform.python_version()}"
-
-
 def mean_follow(results):
     rows = [r["follow"] for r in results]
     return [sum(col) / len(col) for col in zip(*rows)]
@@ -220,11 +170,7 @@ def curve(run_dirs, task, name):
 
 def plot_curves(run_dirs, task, student_sizes, methods, path):
     """Held-out reward vs step per method (optional: needs matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if plt is None:
         print("(matplotlib is not installed: no reward_vs_step.png; the text curves above show the same)")
         return None
     fig, axes = plt.subplots(1, len(student_sizes), figsize=(6 * len(student_sizes), 4), squeeze=False)
@@ -373,66 +319,48 @@ def horizon(a, train_args):
     report.write(a.out_dir)
 
 
-def toy(K=10, eps=0.01):
-    """The information-theoretic bottleneck at H=1, exactly. The expert is a known
-    distribution over K answers: the two correct ones sit at the ends of a 1-D embedding
-    order (probability (1-eps)/2 each), the wrong ones in between share eps. The student
-    class is q_s(k) ∝ exp(s * e_k) with fixed e_k = linspace(-1, 1, K): it can put its mass
-    on one end, or spread it, but never on both ends at once. Offline IL with infinite data
-    converges to the forward-KL projection, online IL to the reverse-KL projection; both are
-    found here by minimising over s on a fine grid, then refined by Newton's method."""
-    e = torch.linspace(-1, 1, K, dtype=torch.float64)
-    p = torch.full((K,), eps / (K - 2), dtype=torch.float64)
-    p[0] = p[-1] = (1 - eps) / 2
-    correct = torch.zeros(K, dtype=torch.bool)
-    correct[[0, -1]] = True
+def main(argv=None):
+    p = OneLineParser(description="Run an experiment end to end: train what it needs, print its tables, write report.md.")
+    for name, text in (("grid", "the realizability table: expert, SFT, online students"),
+                       ("ablation", "the ingredients of online IL, misspecified student"),
+                       ("horizon", "reward vs horizon H on the pointer task")):
+        p.add_argument(f"--{name}", action="store_true", help=text)
+    p.add_argument("--quick", action="store_true", help="horizon: seed 0 alone (the same runs as seed 0 of the full sweep)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--jobs", type=int, default=2, help="training runs in parallel")
+    p.add_argument("--task", default="mirror", choices=("mirror", "pointer", "countdown"), help="task (grid, ablation)")
+    p.add_argument("--sizes", default="", help="the expert's size, then the misspecified size(s) (default: medium,small; "
+                   "countdown 4x64x4,small)")
+    p.add_argument("--horizons", default="1,16", help="horizon: the values of H (each one adds a full grid per seed)")
+    p.add_argument("--out-dir", default="", help="where runs go (default out/<experiment>)")
+    p.add_argument("--train-args", default="", help="extra flags for every train.py run, quoted")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--train-args" in argv[:-1]:  # its value starts with "--": glue it on, or argparse takes it for a flag
+        i = argv.index("--train-args")
+        argv[i:i + 2] = [f"--train-args={argv[i + 1]}"]
+    a = p.parse_args(argv)
+    chosen = [k for k in ("grid", "ablation", "horizon") if getattr(a, k)]
+    if len(chosen) != 1:
+        p.error("choose one of --grid, --ablation, --horizon")
+    if a.seeds < 1 or a.jobs < 1:
+        p.error("--seeds and --jobs must be >= 1")
+    a.sizes = a.sizes or task_recipe("pointer" if chosen == ["horizon"] else a.task)[0]
+    sizes = a.sizes.split(",")
+    if not all(sizes) or len(set(sizes)) < len(sizes) or ("ablation" in chosen and len(sizes) < 2):
+        p.error(f"--sizes {a.sizes!r}: give the expert's size, then the other student size(s), each once, e.g. medium,small")
+    if not all(h.isdigit() and int(h) >= 1 for h in a.horizons.split(",")):
+        p.error(f"--horizons {a.horizons!r}: give answer lengths H >= 1, e.g. 1,2,4,8")
+    if a.quick:
+        if chosen != ["horizon"]:
+            p.error("--quick goes with --horizon")
+        a.seeds = 1
+    a.out_dir = a.out_dir or os.path.join("out", chosen[0] + ("-quick" if a.quick else ""))
+    train_args = ["--task", a.task, *a.train_args.split()] if chosen[0] != "horizon" else a.train_args.split()
+    dict(grid=grid, ablation=ablation, horizon=horizon)[chosen[0]](a, train_args)
 
-    def q(s):
-        return torch.softmax(s * e, 0)
 
-    def fwd(s):
-        return (p * (p.log() - q(s).log())).sum()
-
-    def rev(s):
-        return (q(s) * (q(s).log() - p.log())).sum()
-
-    out = {}
-    for name, f in (("forward KL (offline IL)", fwd), ("reverse KL (online IL)", rev)):
-        grid_s = torch.linspace(-60, 60, 24001, dtype=torch.float64)
-        s = grid_s[torch.stack([f(x) for x in grid_s]).argmin()].clone()
-        for _ in range(20):  # Newton steps on the 1-D objective
-            s.requires_grad_(True)
-            g, = torch.autograd.grad(f(s), s, create_graph=True)
-            h, = torch.autograd.grad(g, s)
-            s = (s - g / h if h > 0 else s).detach()
-        qs = q(s)
-        out[name] = dict(s=s.item(), reward=qs[correct].sum().item(), fwd_kl=fwd(s).item(), rev_kl=rev(s).item(),
-                         q=qs.tolist())
-    out["expert"] = dict(q=p.tolist())
-    return out
-
-
-def run_toy(out_dir):
-    res = toy()
-    report = Report("the exact H=1 toy")
-    rows = [r for r in res if r != "expert"]
-    report.add("exact H=1 toy: expert = two correct answers at the ends of a 1-D order, student q_s(k) ∝ exp(s e_k)",
-               table("projection", rows, ["s", "reward", "fwd_kl", "rev_kl"], lambda r, c: f"{res[r][c]:.3f}"))
-    report.add("the three distributions over the K answers (the two correct ones at the ends; bar height: "
-               "probability, 0 to 0.5)", [f"{r:<24} {sparkline(res[r]['q'], 0, 0.5)}" for r in ["expert", *rows]])
+if __name__ == "__main__":
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3), sharey=True)
-        for ax, r in zip(axes, ["expert", *rows]):
-            ax.bar(range(len(res[r]["q"])), res[r]["q"], color=["C2" if k in (0, len(res[r]["q"]) - 1) else "C7"
-                                                             for k in range(len(res[r]["q"]))])
-            ax.set(title=r, xlabel="answer k (correct: green)")
-        axes[0].set_ylabel("probability")
-        os.makedirs(out_dir, exist_ok=True)
-        fig.savefig(os.path.join(out_dir, "toy.png"), dpi=100, bbox_inches="tight")
-        report.add("figures", ["![the three distributions](toy.png)"])
-    except ImportError:
-        print("(matplotlib is not installed: no toy.png; the text bars above show the same)")
-    report.write(out_dir)
+        main()
+    except UsageError as e:  # bad input: one line; anything else is a bug and keeps its traceback
+        sys.exit(f"error: {e}")

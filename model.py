@@ -25,7 +25,6 @@ class GPTConfig:
     n_embd: int = 64
     block_size: int = 32  # context length: longest prompt + response + begin/end tokens
     vocab_size: int = 22
-    dropout: float = 0.0
 
     def __post_init__(self):
         for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
@@ -53,7 +52,6 @@ class CausalSelfAttention(nn.Module):
         self.n_head = cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.dropout = cfg.dropout
 
     def forward(self, x, attn_mask, cache=None, start=0):
         B, T, C = x.shape
@@ -63,8 +61,7 @@ class CausalSelfAttention(nn.Module):
             cache[0][:, :, start:start + T] = k
             cache[1][:, :, start:start + T] = v
             k, v = cache[0][:, :, :start + T], cache[1][:, :, :start + T]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -74,7 +71,7 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
         self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
-                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
+                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd))
 
     def forward(self, x, attn_mask, cache=None, start=0):
         x = x + self.attn(self.ln1(x), attn_mask, cache, start)
@@ -87,7 +84,6 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)  # tied: also the unembedding
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.apply(self._init)
@@ -118,7 +114,7 @@ class GPT(nn.Module):
         query = torch.arange(start, start + T, device=tokens.device)[:, None]
         # a query sees earlier real keys, and always itself (so a pad row is never all -inf)
         attn_mask = ((key <= query) & valid[:, None, :start + T]) | (key == query)
-        x = self.drop(self.wte(tokens) + self.wpe(pos))
+        x = self.wte(tokens) + self.wpe(pos)
         for i, blk in enumerate(self.blocks):
             x = blk(x, attn_mask[:, None], None if cache is None else cache[i], start)
         return self.ln_f(x)

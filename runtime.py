@@ -14,15 +14,13 @@ import math
 import os
 import signal
 import time
-import zlib
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
-import eval as evaluation
+from data import PromptStream, eval_prompts, make_task, seed_for, task_tokenizer
 from errors import UsageError
-from data import PromptStream, eval_prompts, make_task, task_tokenizer
 from model import load_checkpoint, make_model, save_checkpoint
 
 
@@ -33,18 +31,6 @@ def build_task(cfg):
         return make_task("pointer", digits=cfg.digits or 10, answer_len=cfg.answer_len or 1, sign=cfg.sign)
     return make_task("countdown", n_numbers=cfg.n_numbers, max_number=cfg.max_number, max_target=cfg.max_target,
                      format=cfg.countdown_format, number_tokens=cfg.number_tokens)
-
-
-# the role of the prompt stream each kind of run trains on (train.py draws from them; eval.py
-# --draws draws the same prompts again), by the first word of the run's checkpoint name
-PROMPT_STREAMS = dict(expert="expert/prompts", base="base/data", sft="sft/data", onpolicy="online/prompts")
-
-
-def seed_for(seed, role, rank=0):
-    """The seed of one role's generator (an init, a data stream, a sampler), derived from
-    --seed, the role's name and the rank alone. Every model and stream has its own, so the
-    expert of a seed is the same whatever the student size, mode or order of runs."""
-    return zlib.crc32(f"{seed}/{role}/{rank}".encode())
 
 
 def setup(cfg):
@@ -84,12 +70,11 @@ def setup(cfg):
                 task_id=dict(asdict(task)), held_out=held_out)
 
 
-def identity(env, model_cfg):
+def identity(env, model_cfg, expert_id):
     """What a checkpoint must match to be loaded by this run: task, tokenizer, model shape, and
     the fingerprint of the expert it learned from (None for the expert itself), so a retrained
     expert.pt is never silently paired with old bases and students."""
-    return dict(task=env["task_id"], tokenizer=env["tok"].identity, model_args=asdict(model_cfg),
-                expert=env.get("expert"))
+    return dict(task=env["task_id"], tokenizer=env["tok"].identity, model_args=asdict(model_cfg), expert=expert_id)
 
 
 def write_atomic(path, text):
@@ -126,46 +111,49 @@ def lr_factor(step, total, warmup=50):
 
 
 class Run:
-    """What every loop needs besides its algorithm: device and ranks, the optimizer and its
-    schedule, progress lines and metrics.jsonl, checkpoints, --resume and Ctrl-C."""
+    """What every loop needs besides its algorithm: the optimizer and its schedule, progress lines
+    and metrics.jsonl, checkpoints, --resume and Ctrl-C, and the ranks under torchrun.
+    prompts: the PromptStream the loop draws from (its generator is checkpointed); expert_id: the
+    fingerprint of the expert this model learns from (None for the expert itself); eval_reward:
+    eval_reward(model, prompts, seed) -> held-out reward, logged every --eval-every steps."""
 
-    def __init__(self, cfg, env, name, model, total_steps, lr):
-        self.cfg, self.env, self.name, self.total = cfg, env, name, total_steps
+    def __init__(self, cfg, env, name, model, total_steps, lr, prompts=None, expert_id=None, eval_reward=None):
+        self.cfg, self.env, self.name, self.total, self.lr = cfg, env, name, total_steps, lr
+        self.prompts, self.expert_id, self.eval_reward = prompts, expert_id, eval_reward
         self.device, self.rank, self.world = env["device"], env["rank"], env["world"]
         self.path = os.path.join(env["dir"], f"{name}.pt")
         self.metrics = os.path.join(env["dir"], f"{name}.metrics.jsonl")
-        self.raw = model
-        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-        self.lr = lr
+        # this run's rows go to a file of its own, copied over metrics.jsonl at each checkpoint: a
+        # run that fails before its first checkpoint leaves a finished run's files as they were
+        self.rows = f"{self.metrics}.part.{os.getpid()}"
+        self.raw = self.model = model
+        # weight decay on the matrices of the linear layers only; not on biases, LayerNorm gains
+        # or the (tied) embeddings, as in nanoGPT. Two groups even at decay 0 (the default).
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(("wte", "wpe"))]
+        rest = [p for p in model.parameters() if all(p is not q for q in decay)]
+        self.opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay),
+                                      dict(params=rest, weight_decay=0.0)], lr=lr, betas=(0.9, 0.99))
         self.sample_gen = torch.Generator(self.device).manual_seed(seed_for(cfg.seed, f"{name}/sampling", self.rank))
-        self.prompts = None  # a PromptStream whose generator is checkpointed, set by the caller
         self.start, self.totals, self.stop_requested, self.t0 = 0, {}, False, time.time()
         self.step, self.saved, self.pending = 0, None, None  # saved: step of the last checkpoint written
-        self.model = model
         if self.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(model)
         if cfg.compile:
             self.model = torch.compile(self.model)
-
-    def resume_if_asked(self):
-        """--resume: continue from this run's checkpoint. Either way metrics.jsonl then holds this
-        run alone, each step once: emptied on a fresh start, cut back to the checkpoint's step on
-        a resume (a crash after a checkpoint leaves rows that the resumed run writes again)."""
-        if self.cfg.resume and os.path.exists(self.path):
+        if cfg.resume and os.path.exists(self.path):
             self.resume()
-        if self.rank == 0:
+        if self.rank == 0:  # this run's rows: none on a fresh start, the checkpoint's on a resume
             rows = []
             if self.start and os.path.exists(self.metrics):
                 with open(self.metrics) as f:
                     rows = [line for line in f if _step_of(line) <= self.start]
-            write_atomic(self.metrics, "".join(rows))
+            write_atomic(self.rows, "".join(rows))
 
     def resume(self):
         # read on the CPU: generator states must be CPU ByteTensors (the prompt stream's generator
-        # lives on the CPU even on a GPU run); the weights and the optimizer state are copied to
-        # the model's device by their load_state_dict
-        # the run it continues must be this one: same identity and seed
-        _, ck = load_checkpoint(self.path, expect=dict(identity(self.env, self.raw.cfg), name=self.name,
+        # lives on the CPU even on a GPU run); load_state_dict copies weights and optimizer state
+        # to the model's device. The run it continues must be this one: same identity and seed.
+        _, ck = load_checkpoint(self.path, expect=dict(identity(self.env, self.raw.cfg, self.expert_id), name=self.name,
                                                        seed=self.cfg.seed), device="cpu")
         if len(ck["rng"]["sample"]) != self.world:  # each rank resumes its own sampling stream
             raise UsageError(f"{self.path} was saved by {len(ck['rng']['sample'])} rank(s): resume it with as many "
@@ -194,7 +182,7 @@ class Run:
                     group["lr"] = self.lr * lr_factor(step, self.total)
                 self.step = step
                 yield step
-                if self.rank == 0 and ((step + 1) % self.cfg.eval_every == 0 or step + 1 == self.total):
+                if self.rank == 0 and self.eval_reward and ((step + 1) % self.cfg.eval_every == 0 or step + 1 == self.total):
                     self.log_eval(step)
                 stop = self.global_sum(torch.tensor(int(self.stop_requested))) > 0
                 if stop or step + 1 == self.total:  # no later step will check these weights
@@ -206,6 +194,8 @@ class Run:
                     raise SystemExit(130)
         finally:
             signal.signal(signal.SIGINT, old)
+            if os.path.exists(self.rows):
+                os.remove(self.rows)
 
     def _on_sigint(self, *_):
         if self.stop_requested:  # a second Ctrl-C stops at once (the last checkpoint stays)
@@ -215,7 +205,8 @@ class Run:
 
     def optimize(self, loss):
         """Backward, clip and step, unless the loss or the gradient is not finite on any rank:
-        then every rank stops before the step, and the last checkpoint written stays."""
+        then every rank stops before the step, and the last checkpoint written stays. A step
+        that makes the weights non-finite stops too, before anything samples from them."""
         loss.backward()  # on every rank, finite or not: DDP's gradient all-reduce needs them all
         norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
         if self.global_sum(torch.tensor(int(not (torch.isfinite(loss) and torch.isfinite(norm))))) > 0:
@@ -226,9 +217,13 @@ class Run:
             self.pending = None
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if not all(torch.isfinite(p).all() for p in self.raw.parameters()):  # the ranks' weights are equal
+            raise UsageError(f"non-finite weights after step {self.step + 1} of {self.name} (learning rate "
+                             f"{self.lr:g}); {self.kept()}")
         return norm.item()
 
     def global_sum(self, x):
+        """x summed over the ranks (a copy of x on one rank)."""
         x = torch.as_tensor(x, device=self.device).clone()
         if self.world > 1:
             dist.all_reduce(x)
@@ -240,6 +235,8 @@ class Run:
         return contextlib.nullcontext()
 
     def log(self, step, **metrics):
+        """One metrics.jsonl row per step; a progress line every --log-every steps. *_tokens
+        metrics are summed over the ranks by the caller and accumulate into total_*."""
         for k, v in metrics.items():
             if k.endswith("_tokens"):
                 self.totals[k] = self.totals.get(k, 0) + v
@@ -247,7 +244,7 @@ class Run:
             return
         rec = dict(step=step + 1, **metrics, **{f"total_{k}": v for k, v in self.totals.items()},
                    elapsed=time.time() - self.t0)
-        with open(self.metrics, "a") as f:
+        with open(self.rows, "a") as f:
             f.write(json.dumps(rec) + "\n")
         if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.total:
             done = step + 1 - self.start
@@ -260,9 +257,9 @@ class Run:
     def log_eval(self, step):
         """Reward at temperature 1 on a fixed quarter of the held-out prompts: the curve per method."""
         prompts = self.env["held_out"][:max(1, len(self.env["held_out"]) // 4)]
-        reward = evaluation.quick_eval(self.raw, self.env["tok"], self.env["task"], prompts, seed=step)["reward"]
+        reward = self.eval_reward(self.raw, prompts, step)
         self.raw.train()
-        with open(self.metrics, "a") as f:
+        with open(self.rows, "a") as f:
             f.write(json.dumps(dict(step=step + 1, eval_reward=reward)) + "\n")
 
     def kept(self):
@@ -276,13 +273,20 @@ class Run:
             sample=self.gather_rng(self.sample_gen), prompts=self.gather_rng(self.prompts.g) if self.prompts else None))
 
     def save(self, snap):
+        """The checkpoint, then this run's metrics up to it over metrics.jsonl; the first one also
+        removes the result.json of the run it replaces (it described the old checkpoint)."""
         if not all(torch.isfinite(p).all() for p in self.raw.parameters()):
             raise UsageError(f"non-finite weights at step {snap['step']} of {self.name}; {self.kept()}")
-        self.saved = snap["step"]
+        first, self.saved = self.saved is None, snap["step"]
         if self.rank == 0:
             save_checkpoint(self.path, self.raw, optimizer=self.opt.state_dict(), step=snap["step"], total=self.total,
                             totals=snap["totals"], config=asdict(self.cfg), seed=self.cfg.seed, rng=snap["rng"],
-                            name=self.name, **identity(self.env, self.raw.cfg))
+                            name=self.name, **identity(self.env, self.raw.cfg, self.expert_id))
+            with open(self.rows) as f:
+                write_atomic(self.metrics, "".join(line for line in f if _step_of(line) <= snap["step"]))
+            result = os.path.join(self.env["dir"], f"{self.name}.result.json")
+            if first and os.path.exists(result):
+                os.remove(result)
 
     def gather_rng(self, g):
         states = [g.get_state()]
@@ -290,4 +294,3 @@ class Run:
             states = [None] * self.world
             dist.all_gather_object(states, g.get_state())
         return states
-

@@ -14,7 +14,7 @@ expert's next-token distribution at each of the expert's states (scored before t
 Also used to train the expert on ground-truth answers and to warm-start the student base.
 Run: python train.py --mode sft   (flags: python train.py --help).
 This file is structurally parallel to distill.py: `diff sft.py distill.py` shows where the
-states come from (expert_dataset() here, rollouts() there) and the loss (loss() in each).
+states come from (expert_dataset here, rollouts there) and the loss (offline_loss, online_loss).
 """
 import time
 
@@ -52,19 +52,20 @@ def ground_truth_dataset(tok, task, prompt_texts, answers, device):
     return dict(prompt=prompt, prompt_valid=pvalid, response=resp, response_mask=rmask)
 
 
-def loss(run, batch, cfg, kind="ce"):
-    """Per-token loss [B, R] at the batch's states (0 on padding): cross-entropy on the expert's
-    tokens, or (kind forward_kl) the full-vocabulary forward KL to the expert's scored logits."""
-    rmask = batch["response_mask"]
+def offline_loss(run, batch, cfg, kind="ce"):
+    """Offline IL's per-token loss [B, R] at the expert's states (0 on padding): cross-entropy on
+    the expert's tokens, or (kind forward_kl) the full-vocabulary forward KL to the expert's
+    scored logits, both at the temperature the expert sampled at."""
+    mask = batch["response_mask"]
     with run.autocast():
-        h = response_hidden(run.model, batch["prompt"], batch["prompt_valid"], batch["response"], rmask).flatten(0, 1)
-    W, valid = unwrap(run.model).unembedding, rmask.flatten()
-    if kind == "ce":
+        h = response_hidden(run.model, batch["prompt"], batch["prompt_valid"], batch["response"], mask).flatten(0, 1)
+    W, valid = unwrap(run.model).unembedding, mask.flatten()
+    if kind == "ce":  # -log pi_s(y_t | x, y_<t), y ~ pi_e: the forward KL up to the expert's entropy
         targets = torch.where(valid, batch["response"].flatten(), IGNORE)
-        return -token_logprobs(h, W, targets, fused=cfg.fused).view(rmask.shape)
-    per_token = torch.zeros(rmask.shape, device=rmask.device)  # word-level distillation
-    per_token[rmask] = token_divergence(h[valid], W, batch["expert_logits"].flatten(0, 1)[valid], "forward",
-                                        fused=cfg.fused)
+        return -token_logprobs(h, W, targets, fused=cfg.fused).view(mask.shape)
+    per_token = torch.zeros(mask.shape, device=mask.device)  # word-level distillation: KL(pi_e^T || pi_s^T)
+    per_token[mask] = token_divergence(h[valid], W, batch["expert_logits"].flatten(0, 1)[valid], "forward",
+                                       temperature=cfg.temperature, fused=cfg.fused)
     return per_token
 
 
@@ -78,7 +79,7 @@ def train(run, dataset, cfg, loss_kind="ce"):
         start = (step * cfg.batch_size + run.rank * B) % n
         batch = {k: v[torch.arange(start, start + B) % n] for k, v in dataset.items()}
         # ---- loss: cross-entropy on the expert's tokens (forward KL: mode-covering)
-        per_token = loss(run, batch, cfg, loss_kind)
+        per_token = offline_loss(run, batch, cfg, loss_kind)
         rmask = batch["response_mask"]
         n_tokens = run.global_sum(rmask.sum())
         objective = per_token.sum() / n_tokens * run.world  # DDP averages over ranks

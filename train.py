@@ -17,6 +17,7 @@ Each checkpoint has a <name>.metrics.jsonl beside it. Every flag comes from Conf
 """
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -27,87 +28,107 @@ import torch.distributed as dist
 import distill
 import eval as evaluation
 import sft
-from data import PromptStream, sample_answer
+from data import PROMPT_STREAMS, PromptStream, sample_answer, seed_for
 from errors import OneLineParser, UsageError
 from model import fingerprint, load_checkpoint, make_model, size_spec
-from runtime import PROMPT_STREAMS, Run, identity, rank0_print, seed_for, setup, write_atomic
+from runtime import Run, identity, rank0_print, setup, write_atomic
 
 
-def opt(default, help):
-    """A Config field: its default and the one-line help its flag shows (one source for both)."""
-    return field(default=default, metadata=dict(help=help))
+def opt(default, help, group):
+    """A Config field: its default, the one-line help its flag shows and its --help group."""
+    return field(default=default, metadata=dict(help=help, group=group))
+
+
+PIPELINE, OFFLINE, ONLINE, LOGGING, ADVANCED = "pipeline", "offline IL", "online IL", "logging and checkpoints", "advanced"
 
 
 @dataclass
 class Config:
-    mode: str = opt("onpolicy", "expert | base (the warm-started student) | sft | onpolicy")
-    task: str = opt("mirror", "mirror (default) | pointer (the horizon task) | countdown (countdown.py)")
-    digits: int = opt(0, "mirror, pointer: prompt digits (0: the task's own, 5 and 10)")
-    answer_len: int = opt(0, "mirror, pointer: answer digits H (0: mirror all of them, pointer 1)")
-    sign: bool = opt(True, "mirror, pointer: the answer starts with + or - naming its mode (off: implicit)")
-    n_numbers: int = opt(3, "countdown: how many numbers")
-    max_number: int = opt(20, "countdown: numbers are drawn from 1..max_number")
-    max_target: int = opt(100, "countdown: targets are in 1..max_target")
-    number_tokens: bool = opt(True, "countdown: one token per number below 1000 (off: one per character)")
-    countdown_format: str = opt("steps", "countdown: steps (written steps: 25-7=18,18*3=54) | expression ((25-7)*3)")
-    expert_size: str = opt("medium", "size of the expert: a name in model.SIZES, or LxWxH")
-    student_size: str = opt("small", "size of the student: medium is realizable, small misspecified")
-    block_size: int = opt(0, "context length (0: just enough for the task's prompt and response)")
-    expert_ckpt: str = opt("", "an expert checkpoint to use ('': <out-dir>/<task>/expert.pt, trained if missing)")
-    out_dir: str = opt("out", "checkpoints go to <out-dir>/<task>/")
-    seed: int = opt(0, "seeds every generator: each role (init, data, sampling, rank) derives its own")
-    device: str = opt("auto", "auto (cuda if present) | cpu | cuda")
-    threads: int = opt(0, "torch CPU threads (0: torch's default)")
-    expert_steps: int = opt(1500, "expert: optimizer steps on ground truth")
-    expert_lr: float = opt(0.0, "expert: peak learning rate (0: the size's own, model.SIZES)")
-    expert_min_reward: float = opt(0.95, "quality gate: stop if the expert's held-out reward is below this (0: off)")
-    base_steps: int = opt(600, "student base: warm-start SFT steps on expert samples (README: why a warm start)")
-    steps: int = opt(600, "offline and online IL: optimizer steps (the same for both)")
-    batch_size: int = opt(128, "sequences per step, over all ranks (the same for both)")
-    lr: float = opt(0.0, "student: peak learning rate, cosine decay to 10% (0: the size's own)")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    grad_clip: float = opt(1.0, "clip the gradient norm to this")
-    temperature: float = opt(1.0, "sampling temperature of expert samples and student rollouts")
-    sft_loss: str = opt("ce", "offline: ce (SFT) | forward_kl (word-level distillation)")
-    gamma: float = opt(1.0, "online: discount of future per-token KLs (1: sequence-level, 0: per-token)")
-    estimator: str = opt("full", "online: full (per-token full-vocab KL + REINFORCE) | sampled")
-    divergence: str = opt("reverse", "online: divergence at student states: reverse | forward | jsd")
-    beta: float = opt(0.5, "online: JSD beta (0 forward KL, 1 reverse KL)")
-    mix: float = opt(0.0, "online: GKD lambda, the fraction of each batch sampled by the expert")
-    baseline: bool = opt(True, "online: subtract a leave-one-out batch-mean baseline from each return")
-    normalize_adv: bool = opt(True, "online: divide advantages by their std (floored at 1 nat)")
-    fused: bool = opt(True, "use the fused log-prob kernels (False: naive log_softmax)")
-    compile: bool = opt(False, "torch.compile the training forward")
-    eval_prompts: int = opt(256, "held-out prompts for the final evaluation")
-    log_every: int = opt(50, "steps between progress lines")
-    eval_every: int = opt(50, "steps between held-out reward checks (logged to metrics.jsonl)")
-    save_every: int = opt(100, "steps between checkpoints")
-    resume: bool = opt(False, "continue from this run's checkpoint (step, optimizer, RNG states)")
+    # ---- the pipeline: which run, on which task, with which models
+    mode: str = opt("onpolicy", "expert | base (the warm-started student) | sft | onpolicy", PIPELINE)
+    task: str = opt("mirror", "mirror (default) | pointer (the horizon task) | countdown (countdown.py)", PIPELINE)
+    digits: int = opt(0, "mirror, pointer: prompt digits (0: the task's own, 5 and 10)", PIPELINE)
+    answer_len: int = opt(0, "mirror, pointer: answer digits H (0: mirror all of them, pointer 1)", PIPELINE)
+    sign: bool = opt(True, "mirror, pointer: the answer starts with + or - naming its mode (off: implicit)", PIPELINE)
+    n_numbers: int = opt(3, "countdown: how many numbers", PIPELINE)
+    max_number: int = opt(20, "countdown: numbers are drawn from 1..max_number", PIPELINE)
+    max_target: int = opt(100, "countdown: targets are in 1..max_target", PIPELINE)
+    number_tokens: bool = opt(True, "countdown: one token per number below 1000 (off: one per character)", PIPELINE)
+    countdown_format: str = opt("steps", "countdown: steps (written steps: 25-7=18,18*3=54) | expression ((25-7)*3)", PIPELINE)
+    expert_size: str = opt("medium", "size of the expert: a name in model.SIZES, or LxWxH", PIPELINE)
+    student_size: str = opt("small", "size of the student: medium is realizable, small misspecified", PIPELINE)
+    seed: int = opt(0, "seeds every generator: each role (init, data, sampling, rank) derives its own", PIPELINE)
+    expert_steps: int = opt(1500, "expert: optimizer steps on ground truth", PIPELINE)
+    expert_lr: float = opt(0.0, "expert: peak learning rate (0: the size's own, model.SIZES)", PIPELINE)
+    expert_min_reward: float = opt(0.95, "quality gate: stop if the expert's held-out reward is below this (0: off)", PIPELINE)
+    base_steps: int = opt(600, "student base: warm-start SFT steps on expert samples", PIPELINE)
+    steps: int = opt(600, "offline and online IL: optimizer steps (the same for both)", PIPELINE)
+    batch_size: int = opt(128, "sequences per step, over all ranks (the same for both)", PIPELINE)
+    lr: float = opt(0.0, "student: peak learning rate, cosine decay to 10% (0: the size's own)", PIPELINE)
+    temperature: float = opt(1.0, "sampling temperature of expert samples and student rollouts", PIPELINE)
+    # ---- offline IL (sft.py)
+    sft_loss: str = opt("ce", "ce (SFT on the expert's tokens) | forward_kl (word-level distillation)", OFFLINE)
+    # ---- online IL (distill.py)
+    gamma: float = opt(1.0, "discount of future per-token KLs (1: sequence-level, 0: per-token)", ONLINE)
+    estimator: str = opt("full", "full (per-token full-vocab KL + REINFORCE) | sampled (sampled-token cost)", ONLINE)
+    divergence: str = opt("reverse", "divergence at the student's states: reverse | forward | jsd", ONLINE)
+    beta: float = opt(0.5, "JSD beta (0 forward KL, 1 reverse KL)", ONLINE)
+    mix: float = opt(0.0, "GKD lambda: the fraction of each batch sampled by the expert", ONLINE)
+    baseline: bool = opt(True, "subtract a leave-one-out batch-mean baseline from each return", ONLINE)
+    normalize_adv: bool = opt(True, "divide advantages by their std (floored at 1 nat)", ONLINE)
+    # ---- logging and checkpoints
+    out_dir: str = opt("out", "checkpoints go to <out-dir>/<task>/", LOGGING)
+    expert_ckpt: str = opt("", "an expert checkpoint to use ('': <out-dir>/<task>/expert.pt, trained if missing)", LOGGING)
+    eval_prompts: int = opt(256, "held-out prompts for the final evaluation", LOGGING)
+    log_every: int = opt(50, "steps between progress lines", LOGGING)
+    eval_every: int = opt(50, "steps between held-out reward checks (logged to metrics.jsonl)", LOGGING)
+    save_every: int = opt(100, "steps between checkpoints", LOGGING)
+    resume: bool = opt(False, "continue from this run's checkpoint (step, optimizer, RNG states)", LOGGING)
+    # ---- advanced
+    device: str = opt("auto", "auto (cuda if present) | cpu | cuda", ADVANCED)
+    threads: int = opt(1, "torch CPU threads (1: fastest at these sizes; results depend on it; 0: torch's default)", ADVANCED)
+    block_size: int = opt(0, "context length (0: just enough for the task's prompt and response)", ADVANCED)
+    weight_decay: float = opt(0.0, "AdamW weight decay (linear layers' matrices only)", ADVANCED)
+    grad_clip: float = opt(1.0, "clip the gradient norm to this", ADVANCED)
+    fused: bool = opt(True, "fused log-prob kernels (kernels.py; off: the naive log_softmax reference)", ADVANCED)
+    compile: bool = opt(False, "torch.compile the training forward", ADVANCED)
 
 
 MODES = ("expert", "base", "sft", "onpolicy")
-CHOICES = dict(mode=MODES, task=("mirror", "pointer", "countdown"), countdown_format=("steps", "expression"), device=("auto", "cpu", "cuda"), sft_loss=("ce", "forward_kl"), estimator=("full", "sampled"),
+CHOICES = dict(mode=MODES, task=("mirror", "pointer", "countdown"), countdown_format=("steps", "expression"),
+               device=("auto", "cpu", "cuda"), sft_loss=("ce", "forward_kl"), estimator=("full", "sampled"),
                divergence=("reverse", "forward", "jsd"))
 
 
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups = {}
     for f in fields(Config):
+        g = groups.get(f.metadata["group"]) or groups.setdefault(f.metadata["group"], p.add_argument_group(f.metadata["group"]))
         flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")  # argparse %-formats help
         if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(flag, type=typ, default=f.default, help=text, choices=CHOICES.get(f.name))
+            g.add_argument(flag, type=typ, default=f.default, help=text, choices=CHOICES.get(f.name))
     cfg = Config(**vars(p.parse_args(argv)))
     check(cfg)
     return cfg
 
 
 def check(cfg):
-    bad = [f"--{k.replace('_', '-')} must be >= {lo}" for k, lo in
+    """Every bad value is one line before any work is done, never a traceback after the expert trained."""
+    flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
+    floats = [f.name for f in fields(Config) if f.type in (float, "float")]
+    bad = [f"{flag(k)} must be a finite number" for k in floats if not math.isfinite(getattr(cfg, k))]
+    if bad:  # the range checks below would misread NaN
+        raise UsageError("; ".join(bad))
+    bad = [f"{flag(k)} must be >= {lo}" for k, lo in
            (("steps", 0), ("expert_steps", 0), ("base_steps", 0), ("batch_size", 1), ("eval_prompts", 1),
-            ("log_every", 1), ("eval_every", 1), ("save_every", 1), ("threads", 0), ("lr", 0), ("expert_lr", 0)) if getattr(cfg, k) < lo]
+            ("log_every", 1), ("eval_every", 1), ("save_every", 1), ("threads", 0), ("lr", 0), ("expert_lr", 0),
+            ("weight_decay", 0), ("digits", 0), ("answer_len", 0), ("block_size", 0)) if getattr(cfg, k) < lo]
+    bad += [f"{flag(k)} must be in {lo}..{hi}" for k, lo, hi in
+            (("seed", 0, 2**31 - 1), ("threads", 0, 1024), ("expert_min_reward", 0, 1)) if not lo <= getattr(cfg, k) <= hi]
     if not 0 <= cfg.gamma <= 1:
         bad.append("--gamma must be in [0, 1]")
     if not 0 <= cfg.mix < 1:
@@ -118,8 +139,6 @@ def check(cfg):
         bad.append("--temperature must be > 0")
     if not cfg.grad_clip > 0:  # a negative clip norm flips the gradient: ascent
         bad.append("--grad-clip must be > 0")
-    if cfg.weight_decay < 0:
-        bad.append("--weight-decay must be >= 0")
     per_rank = cfg.batch_size // int(os.environ.get("WORLD_SIZE", 1))  # torchrun: rows each rank samples
     if cfg.mix and not 0 < round(cfg.mix * per_rank) < per_rank:
         bad.append(f"--mix {cfg.mix:g} gives {round(cfg.mix * per_rank)} expert rows of {per_rank} per rank: "
@@ -143,14 +162,14 @@ def new_model(cfg, env, size, role):
     return make_model(size, env["block_size"], env["tok"].vocab_size, seed_for(cfg.seed, f"{role}/init")).to(env["device"])
 
 
-def load_finished(path, env, size, made_by=None):
+def load_finished(path, env, size, expert_id, made_by=None):
     """The model of a finished run's checkpoint, None if there is none yet; a checkpoint
-    made for another task, tokenizer or size is an error, never a silent load. made_by:
-    settings it must also have been trained with (seed, steps), for the checkpoints a run
-    finds in its --out-dir and reuses (the expert, the bases)."""
+    made for another task, tokenizer, size or expert is an error, never a silent load.
+    made_by: settings it must also have been trained with (seed, steps), for the checkpoints
+    a run finds in its --out-dir and reuses (the expert, the bases)."""
     if not os.path.exists(path):
         return None
-    expect = identity(env, make_model(size, env["block_size"], env["tok"].vocab_size, seed=0).cfg)
+    expect = identity(env, make_model(size, env["block_size"], env["tok"].vocab_size, seed=0).cfg, expert_id)
     model, ck = load_checkpoint(path, expect=expect, device=env["device"])
     if ck.get("step") != ck.get("total"):
         return None
@@ -161,26 +180,25 @@ def load_finished(path, env, size, made_by=None):
     return model
 
 
-def fit(cfg, env, name, model, steps, lr, loop, *args, prompts=None):
+def fit(cfg, env, name, model, steps, lr, loop, *args, prompts=None, expert_id=None):
     """Run one training loop in a Run (resume, logging, checkpoints) and return the model."""
-    run = Run(cfg, env, name, model, steps, lr)
-    run.prompts = prompts
-    run.resume_if_asked()
-    loop(run, *args)
+    reward = lambda m, ps, seed: evaluation.quick_eval(m, env["tok"], env["task"], ps, seed)["reward"]  # noqa: E731
+    loop(Run(cfg, env, name, model, steps, lr, prompts=prompts, expert_id=expert_id, eval_reward=reward), *args)
     return model
 
 
 def get_expert(cfg, env):
     """Load <out>/<task>/expert.pt, or train it: SFT on ground-truth answers drawn uniformly
-    among all valid ones (so the expert is multimodal)."""
+    among all valid ones (so the expert is multimodal). Returns it frozen, and its fingerprint,
+    which every later checkpoint records and is checked against."""
     if cfg.expert_ckpt:  # an expert named on the command line must fit this run
-        expert = load_finished(cfg.expert_ckpt, env, cfg.expert_size)
+        expert = load_finished(cfg.expert_ckpt, env, cfg.expert_size, None)
         if expert is None:
             raise UsageError(f"--expert-ckpt {cfg.expert_ckpt}: the expert's training did not finish")
     else:
         path = os.path.join(env["dir"], "expert.pt")
-        expert = None if cfg.mode == "expert" else load_finished(path, env, cfg.expert_size,
-                                                                   dict(seed=("--seed", cfg.seed), total=("--expert-steps", cfg.expert_steps)))
+        expert = None if cfg.mode == "expert" else load_finished(
+            path, env, cfg.expert_size, None, dict(seed=("--seed", cfg.seed), total=("--expert-steps", cfg.expert_steps)))
     if expert is None:
         expert = new_model(cfg, env, cfg.expert_size, "expert")
         rank0_print(env, f"training the expert ({cfg.expert_size}, {expert.n_params():,} parameters) on ground truth")
@@ -193,8 +211,7 @@ def get_expert(cfg, env):
             data = sft.ground_truth_dataset(env["tok"], env["task"], texts, answers, env["device"])
         fit(cfg, env, "expert", expert, cfg.expert_steps, cfg.expert_lr or size_spec(cfg.expert_size)["lr"], sft.train, data, cfg)
     expert.eval().requires_grad_(False)  # frozen and replicated: no DDP wrapper
-    env["expert"] = fingerprint(expert)  # every later checkpoint records, and is checked against, it
-    return expert
+    return expert, fingerprint(expert)
 
 
 def gate_expert(cfg, env, expert):
@@ -209,13 +226,14 @@ def gate_expert(cfg, env, expert):
     return reward
 
 
-def expert_samples(cfg, env, expert, n, seed):
+def expert_samples(cfg, env, expert, expert_id, n, seed):
     """n expert responses to fresh training prompts, cached on disk (students of every size
     share them). None for n=0: a zero-step run needs no data."""
     if n == 0:
         return None
-    path = os.path.join(env["dir"], f"expert-samples-{n}-{seed}{'-scored' if cfg.sft_loss == 'forward_kl' else ''}.pt")
-    key = dict(n=n, seed=seed, temperature=cfg.temperature, score=cfg.sft_loss == "forward_kl", expert=env["expert"])
+    score = cfg.sft_loss == "forward_kl"
+    path = os.path.join(env["dir"], f"expert-samples-{n}-{seed}{'-scored' if score else ''}.pt")
+    key = dict(n=n, seed=seed, temperature=cfg.temperature, score=score, expert=expert_id)
     if os.path.exists(path):
         try:
             cached = torch.load(path, map_location=env["device"], weights_only=True)
@@ -225,7 +243,7 @@ def expert_samples(cfg, env, expert, n, seed):
             rank0_print(env, f"{path}: unreadable ({type(e).__name__}), sampling it again")
     texts = PromptStream(env["task"], env["held_out"], seed=seed).batch(n)
     data = sft.expert_dataset(expert, env["tok"], env["task"], texts, cfg, torch.Generator(env["device"]).manual_seed(seed),
-                              env["device"], score=key["score"])
+                              env["device"], score=score)
     if env["rank"] == 0:
         tmp = f"{path}.tmp.{os.getpid()}"
         torch.save(dict(key=key, data=data), tmp)
@@ -233,15 +251,16 @@ def expert_samples(cfg, env, expert, n, seed):
     return data
 
 
-def get_student_base(cfg, env, expert):
+def get_student_base(cfg, env, expert, expert_id):
     """The student both methods start from: a short SFT warm start on expert samples."""
     name = f"base-{cfg.student_size}"
-    base = load_finished(os.path.join(env["dir"], f"{name}.pt"), env, cfg.student_size,
+    base = load_finished(os.path.join(env["dir"], f"{name}.pt"), env, cfg.student_size, expert_id,
                          dict(seed=("--seed", cfg.seed), total=("--base-steps", cfg.base_steps)))
     if base is None:
         base = new_model(cfg, env, cfg.student_size, "student")
-        data = expert_samples(cfg, env, expert, cfg.base_steps * cfg.batch_size, seed_for(cfg.seed, PROMPT_STREAMS["base"]))
-        fit(cfg, env, name, base, cfg.base_steps, student_lr(cfg), sft.train, data, cfg)
+        data = expert_samples(cfg, env, expert, expert_id, cfg.base_steps * cfg.batch_size,
+                              seed_for(cfg.seed, PROMPT_STREAMS["base"]))
+        fit(cfg, env, name, base, cfg.base_steps, student_lr(cfg), sft.train, data, cfg, expert_id=expert_id)
     return base
 
 
@@ -262,24 +281,25 @@ def main(argv=None):
     cfg = parse_args(argv)
     env = setup(cfg)
     rank0_print(env, "config: " + json.dumps(asdict(cfg)))
-    expert = get_expert(cfg, env)
+    expert, expert_id = get_expert(cfg, env)
     expert_reward = gate_expert(cfg, env, expert) if cfg.mode != "expert" else None
     if cfg.mode == "expert":
         model, name = expert, "expert"
     else:
-        student = get_student_base(cfg, env, expert)
+        student = get_student_base(cfg, env, expert, expert_id)
         name = run_name(cfg) if cfg.mode != "base" else f"base-{cfg.student_size}"
         rank0_print(env, f"student ({cfg.student_size}): {student.n_params():,} parameters; expert "
                        f"({cfg.expert_size}): {expert.n_params():,}")
         if cfg.mode == "base":
             model = student
         elif cfg.mode == "sft":  # offline IL: the expert is queried before training only
-            data = expert_samples(cfg, env, expert, cfg.steps * cfg.batch_size, seed_for(cfg.seed, PROMPT_STREAMS["sft"]))
-            model = fit(cfg, env, name, student, cfg.steps, student_lr(cfg), sft.train, data, cfg, cfg.sft_loss)
+            data = expert_samples(cfg, env, expert, expert_id, cfg.steps * cfg.batch_size,
+                                  seed_for(cfg.seed, PROMPT_STREAMS["sft"]))
+            model = fit(cfg, env, name, student, cfg.steps, student_lr(cfg), sft.train, data, cfg, expert_id=expert_id)
         else:  # online IL: the student samples, the expert scores every token
             prompts = PromptStream(env["task"], env["held_out"], seed=seed_for(cfg.seed, PROMPT_STREAMS["onpolicy"], env["rank"]))
             model = fit(cfg, env, name, student, cfg.steps, student_lr(cfg), distill.train, expert, prompts, env["tok"],
-                        env["task"], cfg, prompts=prompts)
+                        env["task"], cfg, prompts=prompts, expert_id=expert_id)
     if env["rank"] == 0:
         result = evaluation.evaluate(model, expert, env["tok"], env["task"], env["held_out"], seed=cfg.seed)
         # the grid's "done" marker: written whole or not at all

@@ -164,11 +164,20 @@ def test_held_out_prompts_fixed_and_disjoint():
 def test_prompt_stream_stops_when_every_prompt_is_held_out():
     """2-digit mirror has 100 prompts; holding out all of them used to loop forever."""
     t = MirrorTask(digits=2)
-    held_out = eval_prompts(t, 100, seed=0)
-    assert len(set(held_out)) == 100
+    held_out = [f"{i:02d}=" for i in range(100)]
     with pytest.raises(ValueError, match="all held out: task mirror has too few distinct prompts"):
         PromptStream(t, held_out, seed=0).batch(1)
     assert len(PromptStream(t, held_out[:99], seed=0).batch(3)) == 3  # one prompt left is enough
+
+
+@pytest.mark.parametrize("n", [100, 10_000_000])
+def test_eval_prompts_beyond_the_task_fail_at_once(n):
+    """--eval-prompts 10000000 on 2-digit mirror drew for ~30 minutes before failing; it is
+    refused before a single draw (the task knows how many prompts it has)."""
+    t = MirrorTask(digits=2)
+    with pytest.raises(ValueError, match="at most 100 distinct prompts"):
+        eval_prompts(t, n, seed=0)
+    assert len(set(eval_prompts(t, 99, seed=0))) == 99
 
 
 def test_unknown_task_is_clear():

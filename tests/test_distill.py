@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from data import MirrorTask, Tokenizer, encode_prompts, encode_responses
 import distill
-from distill import advantages, returns_to_go, rollouts, sequence_kl_surrogate
+from distill import advantages, returns_to_go, rollouts
 from kernels import IGNORE, token_divergence, token_logprobs
 from model import make_model, response_hidden
 
@@ -35,49 +35,21 @@ def all_responses(L):
     return resp, mask
 
 
-def test_two_part_gradient_equals_exact_sequence_kl_gradient():
-    """Sum over every response y of q(y) * surrogate gradient == grad of
-    KL(q(y|x) || p(y|x)) = sum_y q(y) (log q(y) - log p(y)), computed by enumeration.
-    Tolerance: relative 1e-4 (fp32 kernels against the enumerated objective)."""
-    student, expert = tiny(0), tiny(1)
-    resp, mask = all_responses(2)
-    prompt, pvalid = encode_prompts(tok, ["31415="] * len(resp))
-    targets = torch.where(mask, resp, IGNORE).flatten()
-
-    def logq_and_logp():
-        h = response_hidden(student, prompt, pvalid, resp, mask).flatten(0, 1)
-        he = response_hidden(expert, prompt, pvalid, resp, mask).flatten(0, 1).detach()
-        logq = token_logprobs(h, student.unembedding, targets).view(mask.shape)
-        logp = token_logprobs(he, expert.unembedding, targets).view(mask.shape)
-        return h, he, logq, logp
-
-    # exact: autograd through the enumerated sequence-level reverse KL
-    h, he, logq, logp = logq_and_logp()
-    seq_q = logq.sum(1)
-    assert abs(seq_q.exp().sum().item() - 1) < 1e-4  # the enumeration covers every response
-    exact_kl = (seq_q.exp() * (seq_q - logp.sum(1))).sum()
-    exact = torch.autograd.grad(exact_kl, list(student.parameters()))
-
-    # the two-part estimator, its expectation taken exactly with weights q(y)
-    h, he, logq, logp = logq_and_logp()
-    D = torch.zeros(mask.shape)
-    D[mask] = token_divergence(h[mask.flatten()], student.unembedding, (he[mask.flatten()], expert.unembedding))
-    per_token = sequence_kl_surrogate(D, logq, mask, gamma=1.0, baseline=False, normalize=False)
-    weights = logq.sum(1).exp().detach()
-    estimate = torch.autograd.grad((weights * per_token.sum(1)).sum(), list(student.parameters()))
-    # and the objective's value: E_q[sum_t D_t] is the sequence KL
-    assert torch.allclose((weights * D.sum(1)).sum(), exact_kl, rtol=1e-4)
-    for a, b in zip(estimate, exact):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (a - b).abs().max()
+def stub_run(model):
+    """What the losses read of a Run: the model, autocast, one process."""
+    return SimpleNamespace(model=model, autocast=contextlib.nullcontext, world=1, global_sum=lambda x: x)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("T", [1.0, 0.7])
 @pytest.mark.parametrize("estimator", ["full", "sampled"])
-def test_online_loss_is_on_policy_at_any_temperature(estimator):
-    """Rollouts sampled at temperature T come from softmax(z / T), so distill.loss must score
-    D, log q and log p at T, or its REINFORCE term is off-policy. Weighting every response by
-    its probability at T, the expected gradient of the loss must equal the exact gradient of
-    KL(q_T(y|x) || p_T(y|x)), enumerated from plain log_softmax(logits / T), to 1e-4."""
-    T = 0.7
+def test_online_loss_is_the_exact_sequence_kl_gradient_at_any_temperature(estimator, T, fused):
+    """The two-part gradient (D_t at fixed prefixes + REINFORCE on the returns-to-go) is the
+    exact gradient of the sequence-level KL. Weighting every response y by its probability
+    q_T(y), the expected gradient of the loss must equal the gradient of KL(q_T(y|x) || p_T(y|x))
+    = sum_y q_T(y) (log q_T(y) - log p_T(y)), enumerated from plain log_softmax(logits / T)
+    (independent of kernels.py), to 1e-4. At T != 1 this also checks that every score is taken
+    at T: rollouts come from softmax(z / T), or the REINFORCE term would be off-policy."""
     student, expert = tiny(0), tiny(1)
     resp, mask = all_responses(2)
     prompt, pvalid = encode_prompts(tok, ["31415="] * len(resp))
@@ -95,9 +67,10 @@ def test_online_loss_is_on_policy_at_any_temperature(estimator):
 
     batch = dict(prompt=prompt, prompt_valid=pvalid, response=resp, response_mask=mask,
                  on_policy=torch.ones(len(resp), dtype=torch.bool))
-    cfg = SimpleNamespace(temperature=T, gamma=1.0, estimator=estimator, divergence="reverse", beta=0.5, fused=True,
+    cfg = SimpleNamespace(temperature=T, gamma=1.0, estimator=estimator, divergence="reverse", beta=0.5, fused=fused,
                           baseline=False, normalize_adv=False)  # a weighted enumeration, not a batch: no baseline
-    per_token, D = distill.loss(SimpleNamespace(model=student, autocast=contextlib.nullcontext), expert, batch, cfg)
+    loss = distill.sampled_token_loss if estimator == "sampled" else distill.online_loss
+    per_token, D = loss(stub_run(student), expert, batch, cfg)
     weights = log_q.exp().detach().float()
     assert torch.allclose((weights * D.sum(1)).sum().double(), exact_kl.detach(), rtol=1e-4)
     estimate = torch.autograd.grad((weights * per_token.sum(1)).sum(), list(student.parameters()))
@@ -131,32 +104,45 @@ def test_baseline_leaves_the_row_out_and_normalising_never_amplifies():
     assert abs(big.std().item() - 1) < 0.05  # large returns are still normalised to unit scale
 
 
+def online_batch(resp, mask=None):
+    prompt, pvalid = encode_prompts(tok, ["1,2;3=", "12345="])
+    return dict(prompt=prompt, prompt_valid=pvalid, response=resp, response_mask=resp != tok.pad if mask is None else mask,
+                on_policy=torch.ones(2, dtype=torch.bool))
+
+
+CFG = SimpleNamespace(temperature=1.0, gamma=1.0, divergence="reverse", beta=0.5, fused=True, baseline=True,
+                      normalize_adv=True)
+
+
 def test_gamma_zero_is_per_token_objective():
     """gamma=0: no score-function term, the gradient is that of sum_t D_t at fixed prefixes."""
-    D = torch.rand(3, 4, requires_grad=True)
-    logq = torch.randn(3, 4, requires_grad=True)
-    mask = torch.ones(3, 4, dtype=torch.bool)
-    sequence_kl_surrogate(D, logq, mask, gamma=0.0).sum().backward()
-    assert logq.grad.abs().max() == 0 and torch.all(D.grad == 1)
+    student, expert = tiny(0), tiny(1)
+    per_token, D = distill.online_loss(stub_run(student), expert, online_batch(torch.tensor([[3, 6, tok.end], [4, 5, 7]])),
+                                       SimpleNamespace(**{**vars(CFG), "gamma": 0.0}))
+    per_token_only = torch.autograd.grad(D.sum(), list(student.parameters()), retain_graph=True)
+    for a, b in zip(torch.autograd.grad(per_token.sum(), list(student.parameters())), per_token_only):
+        assert torch.equal(a, b)
+    per_token, D = distill.online_loss(stub_run(student), expert, online_batch(torch.tensor([[3, 6, tok.end], [4, 5, 7]])),
+                                       CFG)  # and gamma=1 adds the REINFORCE term
+    assert (per_token - D).abs().max() > 0
 
 
 def test_prompt_and_padding_get_no_gradient():
-    """Gradients reach parameters only through real response positions: changing a padded
-    response token or the hidden state at a prompt position changes nothing."""
+    """Gradients reach parameters only through real response positions: the token written at a
+    padded position changes neither the loss nor its gradient; a real one does."""
     student, expert = tiny(0), tiny(1)
-    prompt, pvalid = encode_prompts(tok, ["1,2;3=", "12345="])
-    resp = torch.tensor([[3, tok.end, tok.pad], [4, 5, tok.end]])
-    mask = resp != tok.pad
-    emb = student.wte.weight
-    h = response_hidden(student, prompt, pvalid, resp, mask).flatten(0, 1)
-    h.retain_grad()
-    he = response_hidden(expert, prompt, pvalid, resp, mask).flatten(0, 1).detach()
-    logq = token_logprobs(h, emb, torch.where(mask, resp, IGNORE).flatten()).view(mask.shape)
-    D = torch.zeros(mask.shape)
-    D[mask] = token_divergence(h[mask.flatten()], emb, (he[mask.flatten()], expert.unembedding))
-    sequence_kl_surrogate(D, logq, mask, 1.0).sum().backward()
-    assert h.grad.view(2, 3, -1)[0, 2].abs().max() == 0  # the padded position
-    assert h.grad.view(2, 3, -1)[1, 2].abs().max() > 0
+
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+
+    def grads(resp):
+        per_token, _ = distill.online_loss(stub_run(student), expert, online_batch(torch.tensor(resp), mask), CFG)
+        return [per_token.sum().detach()] + list(torch.autograd.grad(per_token.sum(), list(student.parameters())))
+
+    base = grads([[3, tok.end, tok.pad], [4, 5, tok.end]])
+    padded = grads([[3, tok.end, 9], [4, 5, tok.end]])  # another token where the mask is off
+    assert all(torch.equal(a, b) for a, b in zip(base, padded))
+    other = grads([[3, tok.end, tok.pad], [4, 6, tok.end]])  # a real token changed
+    assert any(not torch.equal(a, b) for a, b in zip(base, other))
 
 
 class Writes:

@@ -1,4 +1,4 @@
-"""The experiments in eval.py: the exact H=1 toy, and that every grid job is what it claims."""
+"""The experiments (experiments.py), the exact H=1 toy (toy.py), eval.py's command line and its reports."""
 import json
 import math
 import os
@@ -11,9 +11,9 @@ import torch
 
 import eval as eval_module
 import experiments
+import toy
 from countdown import CountdownTask
-from data import MirrorTask, Tokenizer, eval_prompts
-from runtime import seed_for
+from data import MirrorTask, Tokenizer, eval_prompts, seed_for
 from train import parse_args, run_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_toy_forward_projection_is_uniform_reverse_picks_one_mode():
     K, eps = 10, 0.01
-    res = experiments.toy(K, eps)
+    res = toy.toy(K, eps)
     fwd, rev = res["forward KL (offline IL)"], res["reverse KL (online IL)"]
     # by symmetry the forward projection matches the expert's mean embedding (0): s = 0, uniform
     assert abs(fwd["s"]) < 1e-6 and abs(fwd["reward"] - 2 / K) < 1e-9
@@ -63,7 +63,7 @@ def test_horizon_task_has_two_answers_at_every_h():
 
 
 def test_toy_command_prints_the_table():
-    out = subprocess.run([sys.executable, "eval.py", "--toy"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "toy.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "reverse KL (online IL)" in out.stdout
 
 
@@ -81,7 +81,7 @@ def test_eval_cli_errors_are_one_line():
     (["--grid", "--train-args", "--no-sign", "--seeds", "0"], "--seeds and --jobs"),  # not "expected one argument"
 ])
 def test_eval_bad_flags_are_one_line(args, message, tmp_path):
-    out = subprocess.run([sys.executable, "eval.py", *args, "--out-dir", str(tmp_path)], cwd=ROOT,
+    out = subprocess.run([sys.executable, "experiments.py", *args, "--out-dir", str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     lines = out.stderr.strip().splitlines()
     assert out.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], out.stderr
@@ -117,7 +117,7 @@ def test_claim_counts_name_every_failing_seed():
 
 
 def test_report_md_holds_the_tables_command_and_machine(tmp_path):
-    report = experiments.Report("a title")
+    report = eval_module.Report("a title")
     report.add("a table", ["row 1", "row 2"])
     report.write(str(tmp_path))
     text = (tmp_path / "report.md").read_text()
@@ -140,7 +140,7 @@ def test_mean_follow_averages_each_position_over_seeds():
 def test_horizon_sweep_runs_end_to_end_and_train_args_override_its_recipe(tmp_path):
     tiny = ("--expert-steps 4 --base-steps 2 --steps 2 --batch-size 8 --eval-prompts 16 --eval-every 1 "
             "--log-every 1")
-    out = subprocess.run([sys.executable, "eval.py", "--horizon", "--horizons", "2", "--seeds", "1", "--sizes",
+    out = subprocess.run([sys.executable, "experiments.py", "--horizon", "--horizons", "2", "--seeds", "1", "--sizes",
                           "small,tiny", "--out-dir", str(tmp_path), "--train-args", tiny],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -180,12 +180,12 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
 
 
 def test_countdown_grid_takes_its_recipe_and_number_tokens(tmp_path):
-    """eval.py --grid --task countdown: the recipe (experiments.task_recipe) reaches every run,
+    """experiments.py --grid --task countdown: the recipe (experiments.task_recipe) reaches every run,
     --train-args override it, the bar for the expert is countdown's, and a checkpoint made with
     number tokens evaluates on its own (eval.py rebuilds the task's tokenizer), with --draws on the
     prompts it trained on."""
     tiny = "--expert-steps 4 --base-steps 2 --steps 2 --batch-size 8 --eval-prompts 16 --log-every 1"
-    out = subprocess.run([sys.executable, "eval.py", "--grid", "--task", "countdown", "--seeds", "1", "--sizes",
+    out = subprocess.run([sys.executable, "experiments.py", "--grid", "--task", "countdown", "--seeds", "1", "--sizes",
                           "small,tiny", "--out-dir", str(tmp_path), "--train-args", tiny],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -215,9 +215,9 @@ def test_countdown_grid_takes_its_recipe_and_number_tokens(tmp_path):
         cached = torch.load(tmp_path / "seed0" / "countdown" / f"expert-samples-16-{seed_for(0, role)}.pt")["data"]
         seen = [tok.decode(row[ok].tolist()[1:]) for row, ok in zip(cached["prompt"], cached["prompt_valid"])]
         assert eval_module.training_prompts(task, held_out, name, 0, 16) == seen and not set(seen) & set(held_out)
-    for bad in (["--draws", "-1", "x.pt"], ["--grid", "--draws", "2"]):
+    for bad, says in ((["--draws", "-1", "x.pt"], "--draws must be >= 0"), (["--draws", "2"], "the following arguments")):
         out = subprocess.run([sys.executable, "eval.py", *bad], cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert out.returncode == 2 and "--draws goes with a checkpoint" in out.stderr, out.stderr
+        assert out.returncode == 2 and says in out.stderr, out.stderr
     for name in ("sft-tiny", "expert"):  # as a student and its expert from before written steps and number tokens
         ck = torch.load(tmp_path / "seed0" / "countdown" / f"{name}.pt", weights_only=False)
         ck["tokenizer"] = "chars:0123456789+-*/()=,;"

@@ -19,11 +19,12 @@ FLAGS = ["--digits", "2", "--expert-size", "tiny", "--student-size", "tiny", "--
          "--device", "cpu"]
 
 
-def make_run(out_dir, *flags, total=10):
+def make_run(out_dir, *flags, total=10, prompt_seed=None):
     cfg = parse_args([*FLAGS, "--out-dir", str(out_dir), *flags])
     env = setup(cfg)  # under torch.distributed's RANK/WORLD_SIZE variables this joins the group
     model = make_model("tiny", env["block_size"], env["tok"].vocab_size, seed=0).to(env["device"])
-    return Run(cfg, env, "t", model, total, 1e-3)
+    prompts = None if prompt_seed is None else PromptStream(env["task"], env["held_out"], seed=prompt_seed)
+    return Run(cfg, env, "t", model, total, 1e-3, prompts=prompts)
 
 
 def test_non_finite_gradient_with_finite_loss_stops_before_the_step(tmp_path):
@@ -97,13 +98,11 @@ def test_resume_reads_the_checkpoint_on_the_cpu(tmp_path, monkeypatch):
     load_checkpoint that puts the prompt generator's state on the device it is asked for
     ('meta' stands in for the GPU; the old code moved the sample generator's state back with
     .cpu(), which meta cannot do). Resume must read on the CPU and restore both generators."""
-    run = make_run(tmp_path)
-    run.prompts = PromptStream(run.env["task"], run.env["held_out"], seed=1)
+    run = make_run(tmp_path, prompt_seed=1)
     run.prompts.batch(3)
     run.save(run.snapshot(3))
     saved = run.prompts.g.get_state(), run.sample_gen.get_state()
-    run = make_run(tmp_path, "--resume")
-    run.prompts = PromptStream(run.env["task"], run.env["held_out"], seed=2)
+    run = make_run(tmp_path, prompt_seed=2)  # resumed by hand below, as --resume does in Run()
     run.device = "cuda:0"  # what a GPU run holds (its sample generator is built already)
     real = runtime.load_checkpoint
 
@@ -114,7 +113,7 @@ def test_resume_reads_the_checkpoint_on_the_cpu(tmp_path, monkeypatch):
         return model, ck
 
     monkeypatch.setattr(runtime, "load_checkpoint", mapped)
-    run.resume_if_asked()
+    run.resume()
     assert run.start == 3 and torch.equal(run.prompts.g.get_state(), saved[0])
     assert torch.equal(run.sample_gen.get_state(), saved[1])
 
@@ -123,15 +122,12 @@ def test_resume_reads_the_checkpoint_on_the_cpu(tmp_path, monkeypatch):
 def test_resume_on_cuda_restores_every_generator(tmp_path):
     """The real case the test above simulates: a run on the GPU, its CPU prompt generator and
     its CUDA sampling generator, saved and resumed."""
-    run = make_run(tmp_path, "--device", "cuda")
-    run.prompts = PromptStream(run.env["task"], run.env["held_out"], seed=1)
+    run = make_run(tmp_path, "--device", "cuda", prompt_seed=1)
     run.prompts.batch(3)
     torch.rand(5, device="cuda", generator=run.sample_gen)
     run.save(run.snapshot(3))
     saved = run.prompts.g.get_state(), run.sample_gen.get_state(), [p.detach().cpu() for p in run.raw.parameters()]
-    run = make_run(tmp_path, "--device", "cuda", "--resume")
-    run.prompts = PromptStream(run.env["task"], run.env["held_out"], seed=2)
-    run.resume_if_asked()
+    run = make_run(tmp_path, "--device", "cuda", "--resume", prompt_seed=2)
     assert run.start == 3 and torch.equal(run.prompts.g.get_state(), saved[0])
     assert torch.equal(run.sample_gen.get_state(), saved[1])
     assert all(p.is_cuda and torch.equal(p.cpu(), q) for p, q in zip(run.raw.parameters(), saved[2]))
