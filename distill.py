@@ -28,6 +28,7 @@ import time
 import torch
 
 from data import collate, decode_responses, encode_prompts
+from errors import UsageError
 from kernels import IGNORE, token_divergence, token_logprobs
 from model import response_hidden, unwrap
 
@@ -150,8 +151,15 @@ def train(run, expert, prompts, tok, task, cfg):
     for step in run.steps():
         # ---- states: the student's own rollouts (online); the expert scores every token
         t0 = time.time()
-        with run.autocast():
-            batch = rollouts(unwrap(run.model), expert, prompts.batch(B), tok, task, cfg, run.sample_gen, run.device)
+        try:
+            with run.autocast():
+                batch = rollouts(unwrap(run.model), expert, prompts.batch(B), tok, task, cfg, run.sample_gen, run.device)
+            overflow = 0
+        except FloatingPointError:  # the last step made weights whose logits overflow
+            overflow = 1
+        if run.global_sum(torch.tensor(overflow)) > 0:  # every rank stops, as in run.optimize()
+            raise UsageError(f"non-finite logits while sampling at step {step + 1} of {run.name} (the weights have "
+                             f"diverged); {run.kept()}")
         # ---- loss: sequence-level reverse KL = per-token KL at fixed prefixes + REINFORCE
         per_token, D = loss(run, expert, batch, cfg)
         rmask, own = batch["response_mask"], batch["on_policy"]

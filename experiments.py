@@ -36,9 +36,14 @@ SFT = ("offline SFT", ["--mode", "sft"], lambda s: f"sft-{s}")
 
 
 def online(label, *flags, suffix=""):
-    gamma = flags[flags.index("--gamma") + 1] if "--gamma" in flags else "1"
-    return (label, ["--mode", "onpolicy", "--gamma", gamma, *[f for f in flags if f not in ("--gamma", gamma)]],
-            lambda s: f"onpolicy-{s}-g{float(gamma):g}{suffix}")
+    """An online IL method: --gamma (default 1) goes first; every other flag, with its value, follows."""
+    flags = list(flags)
+    gamma = "1"
+    if "--gamma" in flags:  # remove the flag and its own value only (another flag may share the value)
+        i = flags.index("--gamma")
+        gamma = flags.pop(i + 1)
+        flags.pop(i)
+    return (label, ["--mode", "onpolicy", "--gamma", gamma, *flags], lambda s: f"onpolicy-{s}-g{float(gamma):g}{suffix}")
 
 
 GRID = [EXPERT, BASE, SFT, online("online (γ=1)"), online("online (γ=0)", "--gamma", "0")]

@@ -155,6 +155,8 @@ class GPT(nn.Module):
             if temperature == 0:
                 nxt = logits.argmax(-1)
             else:
+                if not torch.isfinite(logits).all():  # multinomial would raise from deep inside torch
+                    raise FloatingPointError("non-finite logits while sampling (the weights have diverged)")
                 nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(1)
             nxt = torch.where(done, pad_token, nxt)
             mask[:, t] = ~done

@@ -88,9 +88,9 @@ def test_eval_bad_flags_are_one_line(args, message, tmp_path):
 
 
 def test_sparkline_maps_rewards_to_block_heights():
-    assert experiments.sparkline([0, 0.5, 1]) == " ▄█"
-    assert experiments.sparkline([-1, 2]) == " █"  # out of range: clipped, never an index error
-    assert experiments.sparkline([0.25], lo=0, hi=0.5) == "▄"
+    assert eval_module.sparkline([0, 0.5, 1]) == " ▄█"
+    assert eval_module.sparkline([-1, 2]) == " █"  # out of range: clipped, never an index error
+    assert eval_module.sparkline([0.25], lo=0, hi=0.5) == "▄"
 
 
 def test_reward_curve_reads_eval_rewards_and_averages_seeds(tmp_path):
@@ -226,3 +226,11 @@ def test_countdown_grid_takes_its_recipe_and_number_tokens(tmp_path):
     out = subprocess.run([sys.executable, "eval.py", str(tmp_path / "old-sft-tiny.pt"), "--expert",
                           str(tmp_path / "old-expert.pt")], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0 and "older version" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_online_method_removes_gamma_and_its_value_only():
+    """online() used to drop every flag *value* equal to gamma's: --beta 0 lost its 0."""
+    assert experiments.online("x", "--gamma", "0", "--beta", "0")[1] == ["--mode", "onpolicy", "--gamma", "0",
+                                                                         "--beta", "0"]
+    label, flags, name = experiments.online("x", "--divergence", "jsd", "--gamma", "0.5", suffix="-jsd")
+    assert flags == ["--mode", "onpolicy", "--gamma", "0.5", "--divergence", "jsd"] and name("small") == "onpolicy-small-g0.5-jsd"

@@ -261,7 +261,16 @@ def test_killed_run_resumes_from_its_held_back_checkpoint_exactly(tiny_runs, tmp
     (["--estimator", "sampled", "--divergence", "forward"], "it takes no --divergence or --mix"),
     (["--estimator", "sampled", "--mix", "0.5"], "it takes no --divergence or --mix"),
     (["--beta", "0.3"], "--beta applies to --divergence jsd only"),
-    (["--digits", "2", "--eval-prompts", "100"], "too few distinct prompts"),  # used to loop forever
+    (["--digits", "2", "--eval-prompts", "100"], "at most 100 distinct prompts"),  # used to loop forever
+    (["--digits", "2", "--eval-prompts", "10000000"], "at most 100 distinct prompts"),  # used to spin ~30 min
+    (["--temperature", "inf"], "--temperature must be a finite number"),  # used to train, uniform, and overwrite
+    (["--lr", "nan"], "--lr must be a finite number"),  # used to pass `< 0`, then an AdamW traceback
+    (["--mix", "nan"], "--mix must be a finite number"),  # used to be "cannot convert float NaN to integer"
+    (["--gamma=-inf", "--beta", "nan"], "--gamma must be a finite number; --beta must be a finite number"),
+    (["--seed", str(2**70)], "--seed must be in 0..2147483647"),  # used to overflow after the expert trained
+    (["--seed", "-1"], "--seed must be in 0..2147483647"),
+    (["--expert-min-reward", "1.5"], "--expert-min-reward must be in 0..1"),
+    (["--threads", "100000"], "--threads must be in 0..1024"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
     out = train(*args, check=False, timeout=60)
@@ -396,3 +405,36 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_runs, tmp_pat
     train(*args, "--resume")  # the kept checkpoint trains on to the end
     ck = torch.load(tmp_path / "mirror" / "sft-small.pt", weights_only=True)
     assert ck["step"] == 60 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def snapshot_files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("mode", ["sft", "onpolicy"])
+def test_a_failed_rerun_leaves_the_finished_run_byte_identical(tiny_runs, tmp_path, mode):
+    """A rerun that fails (here it diverges at its first step) used to have emptied
+    <name>.metrics.jsonl already, leaving the old checkpoint and result.json beside metrics of
+    another run. Now every file of the finished run is as it was. Online IL's divergence also
+    used to crash in torch.multinomial (a traceback) before the finiteness check: one line now."""
+    d, _ = tiny_runs
+    shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror")
+    before = snapshot_files(tmp_path / "mirror")
+    out = train("--mode", mode, "--out-dir", str(tmp_path), *TINY, "--lr", "1e30", check=False)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: non-finite") and "no checkpoint of this run" in lines[0], out.stderr
+    assert snapshot_files(tmp_path / "mirror") == before
+
+
+def test_online_il_that_diverges_keeps_its_last_good_checkpoint(tiny_runs, tmp_path):
+    """The online loop stops with one line, as SFT does, and what it keeps trains on."""
+    d, _ = tiny_runs
+    shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("onpolicy*"))
+    args = ["--mode", "onpolicy", "--out-dir", str(tmp_path), *TINY, "--save-every", "1"]
+    train(*args, "--steps", "5")
+    out = train(*args, "--steps", "10", "--resume", "--lr", "1e30", check=False)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and len(lines) == 1 and "last good checkpoint is kept" in lines[0], out.stderr
+    ck = torch.load(tmp_path / "mirror" / "onpolicy-small-g1.pt", weights_only=True)
+    assert ck["step"] == 5 and all(torch.isfinite(v).all() for v in ck["model"].values())
