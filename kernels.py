@@ -1,4 +1,4 @@
-"""Fused token log-prob and divergence kernels (plain PyTorch autograd.Functions).
+"""Fused token log-prob and divergence kernels: PyTorch autograd.Functions, Triton's on CUDA.
 
 Both imitation losses spend their memory at one place: turning final hidden states h [N, d]
 into per-token quantities through the unembedding W [V, d]. The naive way materialises the
@@ -26,19 +26,97 @@ token_divergence(h, W, expert, kind)     -> per-row divergence over the vocab [N
                       ends (beta*KL(p||q) near 0, (1-beta)*KL(q||p) near 1), so the divergence
                       and its gradient jump at beta = 0 and 1 (see token_divergence).
 
-fused=False switches to the naive reference (log_softmax over full logits), for reading
-and for tests.
+Which implementation runs (backend()): fused=False is always the naive reference (log_softmax
+over the full logits), for reading and for tests. fused=True on CUDA tensors, where kernels_triton
+imports (Triton installed), runs its Triton kernels for token_logprobs and reverse KL; everything
+else (the CPU, forward KL, JSD, float64) runs the PyTorch kernels below, whose arithmetic this
+module keeps as it was, so CPU training results stay bitwise the same. impl= forces one of them.
+Every path first refuses inputs it cannot take with one ValueError line (targets outside [0, V)
+other than IGNORE, an expert of another shape), checked once here before dispatch.
+
+Not run on a GPU in this change: the dispatch to Triton (tested on the CPU through backend() and
+Triton's interpreter only) and tests/test_cuda.py; gpu_check.sh runs both.
 
 There is no loss-level kernel (one forming grad_h and grad_W in the forward, as Liger's fused
 linear cross-entropy does): wired into sft.py and distill.py it would hide the loss from a reader,
-who now sees it written per token there.
+who now sees it written per token there. The per-token path costs one GEMM more than naive:
+COST_LINE
 """
 import math
 
 import torch
 import torch.nn.functional as F
 
+try:
+    import kernels_triton
+except ImportError:  # no Triton (the CPU build of torch): the PyTorch kernels serve every device
+    kernels_triton = None
+
 IGNORE = -100  # target id of rows that take no part (padding, prompt tokens)
+
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what kernels_triton takes
+
+
+def backend(h, W, fused=True, triton=True):
+    """The implementation a call runs: "naive" when fused=False; "triton" when kernels_triton
+    imported, h and W are CUDA tensors of one dtype it takes, and it has the kernel (triton=False:
+    forward KL and JSD); else "fused", the PyTorch kernels here."""
+    if not fused:
+        return "naive"
+    if (triton and kernels_triton is not None and h.is_cuda and W.is_cuda and h.dtype == W.dtype
+            and h.dtype in TRITON_DTYPES):
+        return "triton"
+    return "fused"
+
+
+def _choose(impl, h, W, fused, triton=True):
+    """backend()'s choice, or impl ("naive", "fused", "triton") where the caller forces one."""
+    if impl is None:
+        return backend(h, W, fused, triton)
+    if impl not in ("naive", "fused", "triton"):
+        raise ValueError(f"unknown impl {impl!r}; choose naive, fused or triton")
+    if impl == "triton" and (kernels_triton is None or not triton):
+        raise ValueError("impl='triton' needs Triton installed, and covers log-probs and reverse KL only")
+    return impl
+
+
+def _check_hw(h, W):
+    if h.dim() != 2 or W.dim() != 2 or h.shape[1] != W.shape[1]:
+        raise ValueError(f"h and W must be [N, d] and [V, d]; got {tuple(h.shape)} and {tuple(W.shape)}")
+
+
+def _check_targets(targets, h, W):
+    """Targets are vocabulary ids or IGNORE: one min/max over the others (on a GPU: one sync)."""
+    if targets.shape != h.shape[:1] or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be integer ids [N] = [{h.shape[0]}]; got {targets.dtype} {tuple(targets.shape)}")
+    V, t = W.shape[0], torch.where(targets == IGNORE, 0, targets)
+    if t.numel() == 0:
+        return
+    lo, hi = torch.aminmax(t)
+    if bool((lo < 0) | (hi >= V)):
+        row = int(((t < 0) | (t >= V)).nonzero()[0, 0])
+        raise ValueError(f"targets must be in [0, {V}) or IGNORE ({IGNORE}); got {int(targets[row])} at row {row}")
+
+
+def _check_expert(h, W, expert):
+    """The expert's logits [N, V], or (expert_h [N, d_e], expert_W [V, d_e]), against h [N, d], W [V, d]."""
+    N, V = h.shape[0], W.shape[0]
+    if torch.is_tensor(expert):
+        if expert.dim() != 2:
+            raise ValueError(f"expert logits must be [N, V]; got {tuple(expert.shape)}")
+        if expert.shape[1] != V:
+            raise ValueError(f"expert logits have {expert.shape[1]} columns, the student's vocabulary has {V}")
+        if expert.shape[0] != N:
+            raise ValueError(f"expert logits have {expert.shape[0]} rows, the student's h has {N}")
+        return
+    if len(expert) != 2 or not all(torch.is_tensor(x) and x.dim() == 2 for x in expert) or \
+            expert[0].shape[1] != expert[1].shape[1]:
+        raise ValueError("expert must be logits [N, V] or a pair (expert_h [N, d_e], expert_W [V, d_e])")
+    if expert[1].shape[0] != V:
+        raise ValueError(f"expert_W has {expert[1].shape[0]} rows, the student's W (vocabulary) has {V}")
+    if expert[0].shape[0] != N:
+        raise ValueError(f"expert_h has {expert[0].shape[0]} rows, the student's h has {N}")
 
 
 VOCAB_BLOCK_BUDGET = 32 * 2**20  # bytes; bench.py --block-mb changes it (wider blocks: fewer, larger GEMMs)
@@ -113,9 +191,15 @@ class _TokenLogprobs(torch.autograd.Function):
                 None if grad_W is None else grad_W.to(W.dtype), None, None, None)
 
 
-def token_logprobs(h, W, targets, temperature=1.0, fused=True, block=None):
-    """log p(targets[i] | h[i]) under softmax(h W^T / T); rows with target IGNORE give 0."""
-    if not fused:
+def token_logprobs(h, W, targets, temperature=1.0, fused=True, block=None, impl=None):
+    """log p(targets[i] | h[i]) under softmax(h W^T / T); rows with target IGNORE give 0.
+    Runs backend(h, W, fused) unless impl names one; block: the PyTorch kernel's vocabulary block."""
+    _check_hw(h, W)
+    _check_targets(targets, h, W)
+    impl = _choose(impl, h, W, fused)
+    if impl == "triton":
+        return kernels_triton.token_logprobs_triton(h, W, targets, temperature, check_targets=False)
+    if impl == "naive":
         logp = F.log_softmax((h @ W.T).float() / temperature, dim=-1)
         valid = targets != IGNORE
         out = logp.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1)
@@ -251,11 +335,18 @@ def _divergence_kind(kind, beta):
     return kind
 
 
-def token_divergence(h, W, expert, kind="reverse", beta=0.5, temperature=1.0, fused=True, block=None):
+def token_divergence(h, W, expert, kind="reverse", beta=0.5, temperature=1.0, fused=True, block=None,
+                     impl=None):
     """Per-row divergence between the student softmax(h W^T / T) and the expert's softmax.
-    expert: expert logits [N, V], or (expert_h, expert_W) evaluated block by block, no grad."""
+    expert: expert logits [N, V], or (expert_h, expert_W) evaluated block by block, no grad.
+    Runs backend(h, W, fused, kind == "reverse") unless impl names one."""
     kind = _divergence_kind(kind, beta)
-    if not fused:
+    _check_hw(h, W)
+    _check_expert(h, W, expert)
+    impl = _choose(impl, h, W, fused, triton=kind == "reverse")
+    if impl == "triton":
+        return kernels_triton.token_reverse_kl_triton(h, W, expert, temperature)
+    if impl == "naive":
         ze = expert if torch.is_tensor(expert) else (expert[0] @ expert[1].T).detach()
         return naive_divergence((h @ W.T).float() / temperature, ze.float() / temperature, kind, beta)
     block = block or vocab_block(h.shape[0], W.shape[0])
