@@ -34,13 +34,16 @@ module keeps as it was, so CPU training results stay bitwise the same. impl= for
 Every path first refuses inputs it cannot take with one ValueError line (targets outside [0, V)
 other than IGNORE, an expert of another shape), checked once here before dispatch.
 
-Not run on a GPU in this change: the dispatch to Triton (tested on the CPU through backend() and
-Triton's interpreter only) and tests/test_cuda.py; gpu_check.sh runs both.
+Not run on a GPU in this change: nothing on CUDA (the dispatch to Triton, the compiled Triton
+kernels with their new checks, tests/test_cuda.py). On the CPU: backend() with fake tensors and the
+Triton kernels under Triton's interpreter, through kernels.py too. gpu_check.sh runs the rest.
 
 There is no loss-level kernel (one forming grad_h and grad_W in the forward, as Liger's fused
 linear cross-entropy does): wired into sft.py and distill.py it would hide the loss from a reader,
-who now sees it written per token there. The per-token path costs one GEMM more than naive:
-COST_LINE
+who now sees it written per token there. The per-token path costs one GEMM more than naive: on
+the CPU (bench.py --threads 1 --n 1024 --d 768 --v 8192) log-probs take 1.04x naive's time at 0.60x
+its memory, online IL's loss 1.58x at 0.57x; at the project's V=22 (N=4096, d=16..64) fused or naive
+is a 1-2 ms difference at most in a 16-150 ms training step, within its noise.
 """
 import math
 
