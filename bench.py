@@ -12,23 +12,21 @@ writes 6 tokens too); "same" says both paths drew the same tokens.
 Kernels: forward+backward, each row in its own process, so one row's peak cannot hide
 another's. Peak memory is the extra over the inputs: the process's peak RSS on CPU (reset
 after any warm-up), torch.cuda.max_memory_allocated on CUDA. On CUDA each row first makes one
-untimed call (Triton's and torch.compile's compiling, cuBLAS's set-up) and each timing averages
-as many calls as fill 0.2 s; on the CPU a call takes seconds and is timed alone. The logprobs rows compute
+untimed call (Triton's and torch.compile's compiling, cuBLAS's set-up); each timing averages
+as many calls as fill 0.2 s (at the default size a CPU call takes seconds: one call). The logprobs rows compute
 sum_i u_i log p(t_i) with random u; reverse_kl the per-row KL(student || expert logits)
 weighted the same way; the online rows online IL's loss sum_i D_i + a_i log p(t_i), with
 an expert given as hidden states and a_i the standardised D (an advantage).
   floor          the three GEMMs of naive (W h^T, G W, G^T h) alone: no method does less matrix work
   naive          log_softmax over the full [N, V] logits, plain autograd
-  fused          kernels.token_logprobs / token_divergence: vocabulary blocks, 4 GEMMs
-  row-chunked    a per-token kernel over 256-row chunks instead (recompute in backward)
-  loss-fused     kernels.logprob_loss / distill_loss: the gradients formed in the forward
-  triton         kernels_triton's token_logprobs_triton / token_reverse_kl_triton: logits tiles
-                 kept on chip (CUDA only)
+  fused          kernels.token_logprobs / token_divergence, impl="fused": the PyTorch kernels
+                 over vocabulary blocks, 4 GEMMs (what training runs on the CPU)
+  triton         the same calls with impl="triton": kernels_triton's logits tiles kept on chip
+                 (CUDA only; what training runs on CUDA where Triton is installed)
   cce compile    Apple's Cut Cross-Entropy, linear_cross_entropy(impl="torch_compile"), if installed
   cce triton     its Triton kernels (impl="cce", CUDA only)
 """
 import argparse
-import importlib.util
 import json
 import platform
 import resource
@@ -38,39 +36,21 @@ import time
 
 import torch
 
+import kernels
+from data import MirrorTask, Tokenizer, encode_prompts
+from kernels import naive_divergence, token_divergence, token_logprobs
+from model import make_model
+
+try:
+    from cut_cross_entropy import linear_cross_entropy
+except ImportError:  # an optional peer: its rows are skipped
+    linear_cross_entropy = None
+
 SAMPLER = {"sampler small": ("small", 6), "sampler medium": ("medium", 6), "sampler large": ("large", 64)}
-KERNELS = ("floor", "logprobs naive", "logprobs fused", "logprobs row-chunked", "logprobs loss-fused",
-           "logprobs triton", "logprobs cce compile", "logprobs cce triton", "reverse_kl naive", "reverse_kl fused",
-           "reverse_kl triton", "online naive", "online fused", "online loss-fused", "online triton")
+KERNELS = ("floor", "logprobs naive", "logprobs fused", "logprobs triton", "logprobs cce compile",
+           "logprobs cce triton", "reverse_kl naive", "reverse_kl fused", "reverse_kl triton", "online naive",
+           "online fused", "online triton")
 PEERS = ("logprobs cce compile", "logprobs cce triton")  # optional: a failure skips the row
-
-
-class RowChunkedLogprobs(torch.autograd.Function):
-    """The alternative layout, kept here for the comparison only: chunk over rows, recompute
-    each chunk's full [rows, V] logits in backward. Every chunk re-reads and re-writes the
-    whole [V, d] weight gradient, which is where it loses to kernels.py's vocabulary blocks."""
-
-    @staticmethod
-    def forward(ctx, h, W, targets, rows):
-        out = torch.empty(h.shape[0], device=h.device)
-        for r in range(0, h.shape[0], rows):
-            z = (h[r:r + rows] @ W.T).float()
-            out[r:r + rows] = z.gather(1, targets[r:r + rows, None]).squeeze(1) - z.logsumexp(1)
-        ctx.save_for_backward(h, W, targets)
-        ctx.rows = rows
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        h, W, targets = ctx.saved_tensors
-        grad_h, grad_W = torch.empty_like(h), torch.zeros_like(W)
-        for r in range(0, h.shape[0], ctx.rows):
-            G = torch.softmax((h[r:r + ctx.rows] @ W.T).float(), 1).mul_(-g[r:r + ctx.rows, None])
-            G.scatter_add_(1, targets[r:r + ctx.rows, None], g[r:r + ctx.rows, None])
-            G = G.to(h.dtype)
-            grad_h[r:r + ctx.rows] = G @ W
-            grad_W.addmm_(G.T, h[r:r + ctx.rows])
-        return grad_h, grad_W, None, None
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -121,8 +101,6 @@ def timed(step, reps, sync, at_least=0.2):
 
 # ----------------------------------------------------------------------------- rows (child processes)
 def sampler_row(kind, a):
-    from data import MirrorTask, Tokenizer, encode_prompts
-    from model import make_model
     size, new_tokens = SAMPLER[kind]
     tok, task = Tokenizer(), MirrorTask()
     g = torch.Generator().manual_seed(0)
@@ -146,8 +124,6 @@ def sampler_row(kind, a):
 def check_cce(impl, device, dtype):
     """Cut Cross-Entropy's per-token loss is -log p(target): the same quantity as the other
     rows. Checked on a small shape, which also compiles it before the memory window."""
-    from cut_cross_entropy import linear_cross_entropy
-    from kernels import token_logprobs
     g = torch.Generator().manual_seed(1)
     e = torch.randn(64, 32, generator=g).to(device, dtype).requires_grad_()
     c = torch.randn(101, 32, generator=g).to(device, dtype).requires_grad_()
@@ -162,7 +138,6 @@ def check_cce(impl, device, dtype):
 
 def kernel_row(kind, a):
     """Build the inputs, then time forward+backward; peak memory over the timed steps."""
-    from kernels import distill_loss, logprob_loss, naive_divergence, token_divergence, token_logprobs
     n, d, v, device, dtype = a.n, a.d, a.v, a.device, getattr(torch, a.dtype)
     g = torch.Generator().manual_seed(0)
     h = (torch.randn(n, d, generator=g) / d ** 0.5).to(device, dtype).requires_grad_()
@@ -174,38 +149,23 @@ def kernel_row(kind, a):
         he, We = (torch.randn(n, d, generator=g) / d ** 0.5).to(device, dtype), torch.randn(v, d, generator=g).to(device, dtype)
     advantage = lambda D: (D - D.mean()) / (D.std() + 1e-6)
     if "cce" in kind:
-        cce = check_cce("torch_compile" if kind.endswith("compile") else "cce", device, dtype)
+        cce_impl = "torch_compile" if kind.endswith("compile") else "cce"
+        cce = check_cce(cce_impl, device, dtype)
+    impl = kind.split()[-1]  # naive, fused or triton: kernels.py's impl=
 
     def step():
-        if kind == "floor":  # the three GEMMs, in the faster orientation on CPU (see kernels.py)
+        if kind == "floor":  # the three GEMMs, W h^T being ~1.3x faster than h W^T on CPU (MKL)
             zt = W.detach() @ h.detach().T  # [V, N]
             return zt.T @ W.detach(), zt @ h.detach()
-        if kind == "logprobs loss-fused":
-            loss = logprob_loss(h, W, targets, u)
-        elif kind == "logprobs triton":
-            from kernels_triton import token_logprobs_triton
-            loss = (token_logprobs_triton(h, W, targets) * u).sum()
-        elif kind == "reverse_kl triton":
-            from kernels_triton import token_reverse_kl_triton
-            loss = (token_reverse_kl_triton(h, W, expert_logits) * u).sum()
-        elif kind == "online triton":
-            from kernels_triton import token_logprobs_triton, token_reverse_kl_triton
-            D = token_reverse_kl_triton(h, W, (he, We))
-            loss = D.sum() + (advantage(D.detach()) * token_logprobs_triton(h, W, targets)).sum()
-        elif kind == "logprobs row-chunked":
-            loss = (RowChunkedLogprobs.apply(h, W, targets, 256) * u).sum()
-        elif "cce" in kind:
-            impl = "torch_compile" if kind.endswith("compile") else "cce"
-            loss = (cce(h, W, targets, impl=impl, reduction="none") * -u).sum()
+        if "cce" in kind:
+            loss = (cce(h, W, targets, impl=cce_impl, reduction="none") * -u).sum()
         elif kind.startswith("logprobs"):
-            loss = (token_logprobs(h, W, targets, fused=kind.endswith("fused")) * u).sum()
+            loss = (token_logprobs(h, W, targets, impl=impl) * u).sum()
         elif kind.startswith("reverse_kl"):
-            loss = (token_divergence(h, W, expert_logits, "reverse", fused=kind.endswith("fused")) * u).sum()
-        elif kind == "online loss-fused":
-            loss, _ = distill_loss(h, W, (he, We), targets, 1.0, advantage)
-        elif kind == "online fused":
-            D = token_divergence(h, W, (he, We), "reverse")
-            loss = D.sum() + (advantage(D.detach()) * token_logprobs(h, W, targets)).sum()
+            loss = (token_divergence(h, W, expert_logits, "reverse", impl=impl) * u).sum()
+        elif kind != "online naive":
+            D = token_divergence(h, W, (he, We), "reverse", impl=impl)
+            loss = D.sum() + (advantage(D.detach()) * token_logprobs(h, W, targets, impl=impl)).sum()
         else:  # online naive: one logits tensor shared by D and log p
             z = (h @ W.T).float()
             with torch.no_grad():
@@ -220,7 +180,7 @@ def kernel_row(kind, a):
     if device == "cuda":  # one untimed call: compiling and set-up are not the kernel's time
         step()
     base = reset_peak(device)
-    wall, cpu = timed(step, a.reps, sync, at_least=0.2 if device == "cuda" else 0)
+    wall, cpu = timed(step, a.reps, sync)
     return dict(kind=kind, time=wall, cpu=cpu, extra_gb=(peak(device) - base) / 1e9)
 
 
@@ -256,7 +216,6 @@ def main():
     if a.block_mb < 0:
         sys.exit("error: --block-mb must be >= 0")
     if a.block_mb:
-        import kernels
         kernels.VOCAB_BLOCK_BUDGET = a.block_mb * 2**20
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda, but no CUDA device is available")
@@ -273,13 +232,13 @@ def main():
         kinds = [k for k in kinds if k in only]
     rows, skipped = {}, {}
     for kind in kinds:
-        if "cce" in kind and importlib.util.find_spec("cut_cross_entropy") is None:
+        if "cce" in kind and linear_cross_entropy is None:
             skipped[kind] = "not installed (pip install cut-cross-entropy)"
             continue
         if kind.endswith("triton") and a.device != "cuda":
             skipped[kind] = "CUDA only"
             continue
-        if kind.endswith(" triton") and "cce" not in kind and importlib.util.find_spec("triton") is None:
+        if kind.endswith(" triton") and "cce" not in kind and kernels.kernels_triton is None:
             skipped[kind] = "Triton not installed"
             continue
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", kind], capture_output=True, text=True)
@@ -305,7 +264,8 @@ def main():
         budget = f", fused blocks within {a.block_mb} MB" if a.block_mb else ""
         per = " timings, each the mean of the calls that fill 0.2 s" if a.device == "cuda" else ""
         print(f"\nkernels: N={a.n} d={a.d} V={a.v} {a.dtype} on {a.device}, forward+backward, median of {a.reps}{per}{budget}")
-        unit, scale = ("ms", 1e3) if a.device == "cuda" else ("s", 1)  # a GPU row takes milliseconds
+        slowest = max((rows[k]["time"] for k in KERNELS if k in rows), default=0)
+        unit, scale = ("ms", 1e3) if a.device == "cuda" or slowest < 1 else ("s", 1)  # a GPU row takes ms
         print(f"{'kernel':<22} {'time ' + unit:>8} {'cpu ' + unit:>8} {'extra peak GB':>14} {'time / naive':>13} {'memory / naive':>15}")
         for kind in KERNELS:
             if kind in skipped:
@@ -318,7 +278,7 @@ def main():
             ratios = (f"{r['time'] / naive['time']:13.2f} {r['extra_gb'] / max(naive['extra_gb'], 1e-9):15.3f}"
                       if naive else f"{'-':>13} {'-':>15}")
             print(f"{kind:<22} {r['time'] * scale:8.3f} {r['cpu'] * scale:8.3f} {r['extra_gb']:14.3f} {ratios}")
-        for ours, peer in ((o, p) for o in ("logprobs loss-fused", "logprobs triton") for p in PEERS):
+        for ours, peer in ((o, p) for o in ("logprobs fused", "logprobs triton") for p in PEERS):
             if peer in rows and ours in rows:
                 mine, theirs = rows[ours], rows[peer]
                 print(f"{ours} against {peer[9:]}: {mine['time'] / theirs['time']:.2f}x its time, "

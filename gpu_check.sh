@@ -3,7 +3,8 @@
 #   1. the kernel and sampler benchmark in bf16 on the GPU, alone on the machine (with Cut
 #      Cross-Entropy's rows if it is installed);
 #   2. the quick-start command's wall time, alone;
-#   3. side by side: the CUDA tests (kernels, the Triton one too, in fp32/bf16 against float64,
+#   3. side by side: the CUDA tests (kernels through kernels.py's dispatch and forced to PyTorch's,
+#      the Triton ones too, in fp32/bf16 against float64, the dispatch and input checks,
 #      the sampler, a tiny pipeline with bf16 autocast and --compile, --resume on CUDA) and one
 #      seed of the mirror grid on the GPU (and $EXTRA, a script of your own, if set).
 # Usage: bash gpu_check.sh [logs folder, default out/gpu] [runs folder, default <logs>/runs]
@@ -29,7 +30,7 @@ clock quickstart timeout 70 $py train.py --mode onpolicy --device cuda --out-dir
 
 pids=() names=(tests grid)
 (clock tests timeout 240 $py -m pytest -q -p no:cacheprovider $xdist \
-    tests/test_cuda.py tests/test_kernels_triton.py tests/test_model.py tests/test_runtime.py > "$logs/tests.log" 2>&1) & pids+=($!)
+    tests/test_cuda.py tests/test_kernels_triton.py tests/test_kernels.py tests/test_model.py tests/test_runtime.py > "$logs/tests.log" 2>&1) & pids+=($!)
 (clock grid timeout 300 $py eval.py --grid --seeds 1 --jobs 4 --out-dir "$runs/grid" --train-args "--device cuda" \
     > "$logs/grid.log" 2>&1) & pids+=($!)
 if [ -n "${EXTRA:-}" ]; then  # a script of your own (a path from the repository root), given <logs> <runs>

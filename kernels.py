@@ -1,4 +1,4 @@
-"""Fused token log-prob and divergence kernels (plain PyTorch autograd.Functions).
+"""Fused token log-prob and divergence kernels: PyTorch autograd.Functions, Triton's on CUDA.
 
 Both imitation losses spend their memory at one place: turning final hidden states h [N, d]
 into per-token quantities through the unembedding W [V, d]. The naive way materialises the
@@ -26,24 +26,100 @@ token_divergence(h, W, expert, kind)     -> per-row divergence over the vocab [N
                       ends (beta*KL(p||q) near 0, (1-beta)*KL(q||p) near 1), so the divergence
                       and its gradient jump at beta = 0 and 1 (see token_divergence).
 
-fused=False switches to the naive reference (log_softmax over full logits), for reading
-and for tests.
+Which implementation runs (backend()): fused=False is always the naive reference (log_softmax
+over the full logits), for reading and for tests. fused=True on CUDA tensors, where kernels_triton
+imports (Triton installed), runs its Triton kernels for token_logprobs and reverse KL; everything
+else (the CPU, forward KL, JSD, float64) runs the PyTorch kernels below, whose arithmetic this
+module keeps as it was, so CPU training results stay bitwise the same. impl= forces one of them.
+Every path first refuses inputs it cannot take with one ValueError line (targets outside [0, V)
+other than IGNORE, an expert of another shape), checked once here before dispatch.
 
-The loss-level path goes one step further. A loss knows its per-token weights in the
-forward, so its forward can form grad_h and grad_W directly (Liger's fused linear
-cross-entropy does this) and its backward only scales them by the upstream scalar:
-logprob_loss(h, W, targets, weight)      -> sum_i weight_i log p(target_i)    SFT: weight -1/n
-    over row chunks holding the whole vocabulary: three GEMMs, as naive, in bounded memory;
-distill_loss(h, W, expert, targets, w1, w2) -> sum_i w1_i D_i + w2_i log p(target_i), and D
-    online IL, where w2 (the advantage) is a function of every D, so it takes two passes
-    over vocabulary blocks: the divergences, then the gradients.
+Not run on a GPU in this change: nothing on CUDA (the dispatch to Triton, the compiled Triton
+kernels with their new checks, tests/test_cuda.py). On the CPU: backend() with fake tensors and the
+Triton kernels under Triton's interpreter, through kernels.py too. gpu_check.sh runs the rest.
+
+There is no loss-level kernel (one forming grad_h and grad_W in the forward, as Liger's fused
+linear cross-entropy does): wired into sft.py and distill.py it would hide the loss from a reader,
+who now sees it written per token there. The per-token path costs one GEMM more than naive: on
+the CPU (bench.py --threads 1 --n 1024 --d 768 --v 8192) log-probs take 1.04x naive's time at 0.60x
+its memory, online IL's loss 1.58x at 0.57x; at the project's V=22 (N=4096, d=16..64) fused or naive
+is a 1-2 ms difference at most in a 16-150 ms training step, within its noise.
 """
 import math
 
 import torch
 import torch.nn.functional as F
 
+try:
+    import kernels_triton
+except ImportError:  # no Triton (the CPU build of torch): the PyTorch kernels serve every device
+    kernels_triton = None
+
 IGNORE = -100  # target id of rows that take no part (padding, prompt tokens)
+
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what kernels_triton takes
+
+
+def backend(h, W, fused=True, triton=True):
+    """The implementation a call runs: "naive" when fused=False; "triton" when kernels_triton
+    imported, h and W are CUDA tensors of one dtype it takes, and it has the kernel (triton=False:
+    forward KL and JSD); else "fused", the PyTorch kernels here."""
+    if not fused:
+        return "naive"
+    if (triton and kernels_triton is not None and h.is_cuda and W.is_cuda and h.dtype == W.dtype
+            and h.dtype in TRITON_DTYPES):
+        return "triton"
+    return "fused"
+
+
+def _choose(impl, h, W, fused, triton=True):
+    """backend()'s choice, or impl ("naive", "fused", "triton") where the caller forces one."""
+    if impl is None:
+        return backend(h, W, fused, triton)
+    if impl not in ("naive", "fused", "triton"):
+        raise ValueError(f"unknown impl {impl!r}; choose naive, fused or triton")
+    if impl == "triton" and (kernels_triton is None or not triton):
+        raise ValueError("impl='triton' needs Triton installed, and covers log-probs and reverse KL only")
+    return impl
+
+
+def _check_hw(h, W):
+    if h.dim() != 2 or W.dim() != 2 or h.shape[1] != W.shape[1]:
+        raise ValueError(f"h and W must be [N, d] and [V, d]; got {tuple(h.shape)} and {tuple(W.shape)}")
+
+
+def _check_targets(targets, h, W):
+    """Targets are vocabulary ids or IGNORE: one min/max over the others (on a GPU: one sync)."""
+    if targets.shape != h.shape[:1] or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be integer ids [N] = [{h.shape[0]}]; got {targets.dtype} {tuple(targets.shape)}")
+    V, t = W.shape[0], torch.where(targets == IGNORE, 0, targets)
+    if t.numel() == 0:
+        return
+    lo, hi = torch.aminmax(t)
+    if bool((lo < 0) | (hi >= V)):
+        row = int(((t < 0) | (t >= V)).nonzero()[0, 0])
+        raise ValueError(f"targets must be in [0, {V}) or IGNORE ({IGNORE}); got {int(targets[row])} at row {row}")
+
+
+def _check_expert(h, W, expert):
+    """The expert's logits [N, V], or (expert_h [N, d_e], expert_W [V, d_e]), against h [N, d], W [V, d]."""
+    N, V = h.shape[0], W.shape[0]
+    if torch.is_tensor(expert):
+        if expert.dim() != 2:
+            raise ValueError(f"expert logits must be [N, V]; got {tuple(expert.shape)}")
+        if expert.shape[1] != V:
+            raise ValueError(f"expert logits have {expert.shape[1]} columns, the student's vocabulary has {V}")
+        if expert.shape[0] != N:
+            raise ValueError(f"expert logits have {expert.shape[0]} rows, the student's h has {N}")
+        return
+    if len(expert) != 2 or not all(torch.is_tensor(x) and x.dim() == 2 for x in expert) or \
+            expert[0].shape[1] != expert[1].shape[1]:
+        raise ValueError("expert must be logits [N, V] or a pair (expert_h [N, d_e], expert_W [V, d_e])")
+    if expert[1].shape[0] != V:
+        raise ValueError(f"expert_W has {expert[1].shape[0]} rows, the student's W (vocabulary) has {V}")
+    if expert[0].shape[0] != N:
+        raise ValueError(f"expert_h has {expert[0].shape[0]} rows, the student's h has {N}")
 
 
 VOCAB_BLOCK_BUDGET = 32 * 2**20  # bytes; bench.py --block-mb changes it (wider blocks: fewer, larger GEMMs)
@@ -118,9 +194,15 @@ class _TokenLogprobs(torch.autograd.Function):
                 None if grad_W is None else grad_W.to(W.dtype), None, None, None)
 
 
-def token_logprobs(h, W, targets, temperature=1.0, fused=True, block=None):
-    """log p(targets[i] | h[i]) under softmax(h W^T / T); rows with target IGNORE give 0."""
-    if not fused:
+def token_logprobs(h, W, targets, temperature=1.0, fused=True, block=None, impl=None):
+    """log p(targets[i] | h[i]) under softmax(h W^T / T); rows with target IGNORE give 0.
+    Runs backend(h, W, fused) unless impl names one; block: the PyTorch kernel's vocabulary block."""
+    _check_hw(h, W)
+    _check_targets(targets, h, W)
+    impl = _choose(impl, h, W, fused)
+    if impl == "triton":
+        return kernels_triton.token_logprobs_triton(h, W, targets, temperature, check_targets=False)
+    if impl == "naive":
         logp = F.log_softmax((h @ W.T).float() / temperature, dim=-1)
         valid = targets != IGNORE
         out = logp.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1)
@@ -256,11 +338,18 @@ def _divergence_kind(kind, beta):
     return kind
 
 
-def token_divergence(h, W, expert, kind="reverse", beta=0.5, temperature=1.0, fused=True, block=None):
+def token_divergence(h, W, expert, kind="reverse", beta=0.5, temperature=1.0, fused=True, block=None,
+                     impl=None):
     """Per-row divergence between the student softmax(h W^T / T) and the expert's softmax.
-    expert: expert logits [N, V], or (expert_h, expert_W) evaluated block by block, no grad."""
+    expert: expert logits [N, V], or (expert_h, expert_W) evaluated block by block, no grad.
+    Runs backend(h, W, fused, kind == "reverse") unless impl names one."""
     kind = _divergence_kind(kind, beta)
-    if not fused:
+    _check_hw(h, W)
+    _check_expert(h, W, expert)
+    impl = _choose(impl, h, W, fused, triton=kind == "reverse")
+    if impl == "triton":
+        return kernels_triton.token_reverse_kl_triton(h, W, expert, temperature)
+    if impl == "naive":
         ze = expert if torch.is_tensor(expert) else (expert[0] @ expert[1].T).detach()
         return naive_divergence((h @ W.T).float() / temperature, ze.float() / temperature, kind, beta)
     block = block or vocab_block(h.shape[0], W.shape[0])
@@ -269,151 +358,3 @@ def token_divergence(h, W, expert, kind="reverse", beta=0.5, temperature=1.0, fu
     else:
         args = (None, expert[0].detach(), expert[1].detach())
     return _TokenDivergence.apply(h, W, *args, kind, beta, temperature, block)
-
-
-# ----------------------------------------------------------------------------- loss-level path
-# The kernels above return per-token values, so their backward waits for the upstream
-# gradient and recomputes the logits: a fourth GEMM. A loss knows its per-token weights in
-# the forward (SFT: -1/n per token; online IL: 1 for D_t and the detached advantage for
-# log pi_s), so the forward can form grad_h and grad_W itself, and the backward only scales
-# them by the scalar upstream gradient (Liger's fused linear cross-entropy does this).
-def loss_rows(vocab, budget_bytes=128 * 2**20):
-    """Rows per chunk of logprob_loss: one fp32 [rows, V] buffer within the budget, rounded
-    down to a multiple of 128 (MKL's W h^T runs up to 1.5x slower at widths such as 683)."""
-    rows = budget_bytes // (4 * vocab)
-    return int(rows // 128 * 128 if rows >= 128 else max(1, rows))
-
-
-def _hand_over(ctx, g):
-    """Backward of a loss whose forward formed the gradients: scale them by the upstream
-    scalar, in place, and hand them over. Keeping no reference lets autograd take them as
-    .grad without a [V, d] copy; the price is that this backward can run only once."""
-    if ctx.grads is None:
-        raise RuntimeError("a loss-level fused loss can be backpropagated only once (its forward formed the "
-                           "gradients); compute the loss again instead of retain_graph=True")
-    grads, ctx.grads = ctx.grads, None
-    return tuple(None if x is None else x.mul_(g.to(x.dtype)) for x in grads)
-
-
-class _LogprobLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, W, targets, weight, temperature, rows, need_grad):
-        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        T = temperature
-        need_h, need_W = need_grad and ctx.needs_input_grad[0], need_grad and ctx.needs_input_grad[1]
-        grad_h = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
-        grad_W = torch.zeros(W.shape, dtype=acc, device=W.device) if need_W else None
-        loss = torch.zeros((), dtype=acc, device=h.device)
-        rows_in = (targets != IGNORE).nonzero().squeeze(1)  # ignored rows: no work, zero gradient
-        for i in rows_in.split(rows):
-            hc, t, w = h[i], targets[i][None, :], weight[i][None, :].to(acc)
-            # GEMM 1: the chunk's logits over the whole vocabulary, as [V, rows]: W h^T runs
-            # ~1.3x faster than h W^T on CPU (MKL), and either layout suits a GPU
-            zt = (W @ hc.T).to(acc)
-            zt = zt.div_(T) if T != 1 else zt
-            m = zt.amax(0, keepdim=True)
-            z_t = zt.gather(0, t)
-            s = zt.sub_(m).exp_().sum(0, keepdim=True)  # zt now holds exp(z - m)
-            loss += (w * (z_t - m - s.log())).sum()
-            if not (need_h or need_W):
-                del zt
-                continue
-            # d(w log p_t)/dz = w (onehot(t) - p), through 1/T, built in zt's buffer: G^T
-            Gt = zt.mul_(-w / (s * T))
-            Gt = Gt.scatter_add_(0, t, w / T).to(h.dtype)
-            if need_h:
-                grad_h.index_copy_(0, i, (Gt.T @ W).to(acc))  # GEMM 2
-            if need_W and Gt.dtype == acc:
-                grad_W.addmm_(Gt, hc)  # GEMM 3, accumulated over chunks in place
-            elif need_W:  # bf16 GEMM, fp32 accumulation
-                grad_W.add_(Gt @ hc)
-            del zt, Gt  # free this chunk's buffer before the next chunk's GEMM allocates one
-        ctx.grads = (None if grad_h is None else grad_h.to(h.dtype),
-                     None if grad_W is None else grad_W.to(W.dtype))
-        return loss
-
-    @staticmethod
-    def backward(ctx, g):
-        return (*_hand_over(ctx, g), None, None, None, None, None)
-
-
-def logprob_loss(h, W, targets, weight, temperature=1.0, rows=None):
-    """sum_i weight_i log p(targets[i] | h[i]) under softmax(h W^T / T), one scalar (fp32).
-    weight: a number or [N], a constant (never differentiated); rows with target IGNORE take
-    no part. The SFT loss is weight = -1/n. Chunks of `rows` rows over the whole vocabulary
-    (loss_rows), so each chunk's logits are made once: three GEMMs, as naive."""
-    weight = torch.as_tensor(weight, device=h.device).detach().expand(h.shape[0])
-    need_grad = torch.is_grad_enabled() and (h.requires_grad or W.requires_grad)
-    return _LogprobLoss.apply(h, W, targets, weight, temperature, rows or loss_rows(W.shape[0]), need_grad)
-
-
-class _DistillLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, W, expert_logits, expert_h, expert_W, targets, kl_weight, logprob_weight, kind, beta,
-                temperature, block, need_grad):
-        N, V, T = h.shape[0], W.shape[0], temperature
-        expert = (expert_logits, expert_h, expert_W)
-        valid = targets != IGNORE
-        tgt = torch.where(valid, targets, 0)
-        # pass 1: the divergence of every row, which the advantages need before any gradient
-        lse_s, lse_e, div, c = _divergence_pass(h, W, expert, kind, beta, T, block)
-        div = torch.where(valid, div, 0.0)
-        w1 = torch.where(valid, kl_weight.float(), 0.0)
-        with torch.no_grad():
-            w2 = logprob_weight(div) if callable(logprob_weight) else logprob_weight
-        w2 = torch.where(valid, w2.detach().float().expand(N), 0.0)
-        # pass 2: the same blocks again, now with every weight known:
-        #   dL/dz = w1 dD/dz + w2 (onehot(y) - q)
-        need_h, need_W = need_grad and ctx.needs_input_grad[0], need_grad and ctx.needs_input_grad[1]
-        grad_h = torch.zeros(h.shape, device=h.device) if need_h else None
-        grad_W = torch.zeros(W.shape, device=W.device) if need_W else None
-        z_t = torch.zeros(N, device=h.device)
-        for v0 in range(0, V, block):
-            v1 = min(V, v0 + block)
-            zs = _logits(h, W, v0, v1, T)
-            here = (tgt >= v0) & (tgt < v1)
-            col = (tgt - v0).clamp(0, v1 - v0 - 1)[:, None]
-            z_t = torch.where(here, zs.gather(1, col).squeeze(1), z_t)
-            if not (need_h or need_W):
-                continue
-            logq = zs.sub_(lse_s[:, None])
-            logp = _expert_logits(expert, v0, v1, T) - lse_e[:, None]
-            Gz, q = _divergence_grad(logq, logp, div, c, kind, beta)
-            G = Gz.mul_(w1[:, None]).sub_(q.mul_(w2[:, None]))
-            G.scatter_add_(1, col, (w2 * here)[:, None])
-            G = (G.div_(T) if T != 1 else G).to(h.dtype)
-            if need_h:
-                grad_h += G @ W[v0:v1]
-            if need_W:
-                grad_W[v0:v1] = G.T @ h
-        logq_t = torch.where(valid, z_t - lse_s, 0.0)
-        ctx.grads = (None if grad_h is None else grad_h.to(h.dtype),
-                     None if grad_W is None else grad_W.to(W.dtype))
-        ctx.mark_non_differentiable(div)
-        return (w1 * div).sum() + (w2 * logq_t).sum(), div
-
-    @staticmethod
-    def backward(ctx, g, _):
-        return (*_hand_over(ctx, g),) + (None,) * 11
-
-
-def distill_loss(h, W, expert, targets, kl_weight, logprob_weight, kind="reverse", beta=0.5, temperature=1.0,
-                 block=None):
-    """Online IL's loss, sum_i kl_weight_i D_i + logprob_weight_i log pi(targets[i] | h[i]),
-    with D_i = token_divergence(h, W, expert, kind)[i]; returns (loss, D detached [N]).
-    kl_weight: a number or [N]. logprob_weight: a number, [N], or a function D -> [N] that is
-    called between the two passes under no_grad (the advantage, which needs every row's D).
-    Rows with target IGNORE take no part. Both weights are constants (never differentiated).
-    Two passes over vocabulary blocks: the divergences, then the gradients."""
-    kind = _divergence_kind(kind, beta)
-    if torch.is_tensor(expert):
-        args = (expert.detach(), None, None)
-    else:
-        args = (None, expert[0].detach(), expert[1].detach())
-    kl_weight = torch.as_tensor(kl_weight, device=h.device).detach().expand(h.shape[0])
-    if not callable(logprob_weight):
-        logprob_weight = torch.as_tensor(logprob_weight, device=h.device)
-    need_grad = torch.is_grad_enabled() and (h.requires_grad or W.requires_grad)
-    block = block or vocab_block(h.shape[0], W.shape[0])
-    return _DistillLoss.apply(h, W, *args, targets, kl_weight, logprob_weight, kind, beta, temperature, block,
-                              need_grad)

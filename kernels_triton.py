@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels import IGNORE, token_divergence, token_logprobs
+IGNORE = -100  # as kernels.IGNORE (a test checks): this module does not import kernels.py, which imports it
 
 CHUNK_BYTES = 64 * 2**20  # one [N, C] chunk of G in the backward
 
@@ -229,10 +229,18 @@ def _check(h, W, name):
         raise ValueError(f"{name}: h and W on {h.device} and {W.device}")
 
 
-def token_logprobs_triton(h, W, targets, temperature=1.0):
+def _no_rows(h, W):
+    """The [0] result for h with no rows, with no launch: h @ W^T summed over the (empty) rows'
+    vocabulary keeps h and W in the graph, so backward gives them zero gradients."""
+    return (h @ W.T).float().sum(1)
+
+
+def token_logprobs_triton(h, W, targets, temperature=1.0, check_targets=True):
     """log p(targets[i] | h[i]) under softmax(h W^T / T), rows with target IGNORE give 0 (and no
     gradient), as kernels.token_logprobs; h [N, d] and W [V, d] fp32, bf16 or fp16, of one dtype
-    and on one device with targets [N]; temperature a float. A target outside [0, V) gives NaN."""
+    and on one device with targets [N]; temperature a float. A target neither IGNORE nor in [0, V)
+    raises ValueError: one min/max and a sync, which check_targets=False skips (kernels.py has
+    checked them; an unchecked bad target gives NaN)."""
     _check(h, W, "token_logprobs_triton")
     if targets.shape != h.shape[:1]:
         raise ValueError(f"token_logprobs_triton takes h [N, d], W [V, d] and targets [N], not "
@@ -240,7 +248,13 @@ def token_logprobs_triton(h, W, targets, temperature=1.0):
     if targets.device != h.device:
         raise ValueError(f"token_logprobs_triton: h and targets on {h.device} and {targets.device}")
     if h.shape[0] == 0:  # nothing to launch
-        return token_logprobs(h, W, targets, float(temperature))
+        return _no_rows(h, W)
+    if check_targets:
+        V, t = W.shape[0], torch.where(targets == IGNORE, 0, targets)
+        lo, hi = torch.aminmax(t)
+        if bool((lo < 0) | (hi >= V)):
+            row = int(((t < 0) | (t >= V)).nonzero()[0, 0])
+            raise ValueError(f"targets must be in [0, {V}) or IGNORE ({IGNORE}); got {int(targets[row])} at row {row}")
     return _TritonTokenLogprobs.apply(h, W, targets, float(temperature))
 
 
@@ -295,18 +309,28 @@ def token_reverse_kl_triton(h, W, expert, temperature=1.0):
     logit of -inf where the student puts mass gives KL = inf. Like kernels.py, the KL is a
     difference of O(logit) terms: near zero it carries ~1e-6 of their size (and can dip below 0)."""
     _check(h, W, "token_reverse_kl_triton")
+    N, V = h.shape[0], W.shape[0]
     if torch.is_tensor(expert):
         ze, eh, eW = expert.detach().contiguous(), None, None
-        shapes_ok = ze.shape == (h.shape[0], W.shape[0]) and ze.device == h.device
-    elif len(expert) != 2:
-        shapes_ok = False
+        if ze.dim() != 2:
+            raise ValueError(f"expert logits must be [N, V]; got {tuple(ze.shape)}")
+        if ze.shape[1] != V:
+            raise ValueError(f"expert logits have {ze.shape[1]} columns, the student's vocabulary has {V}")
+        if ze.shape[0] != N:
+            raise ValueError(f"expert logits have {ze.shape[0]} rows, the student's h has {N}")
+        devices = (ze.device,)
     else:
+        if len(expert) != 2 or not all(torch.is_tensor(x) and x.dim() == 2 for x in expert) or \
+                expert[0].shape[1] != expert[1].shape[1]:
+            raise ValueError("expert must be logits [N, V] or a pair (expert_h [N, d_e], expert_W [V, d_e])")
         ze, (eh, eW) = None, (x.detach().contiguous().to(h.dtype) for x in expert)
-        shapes_ok = (eh.dim() == eW.dim() == 2 and eh.shape[0] == h.shape[0] and eW.shape[0] == W.shape[0]
-                     and eh.shape[1] == eW.shape[1] and eh.device == eW.device == h.device)
-    if not shapes_ok:  # one line, whatever was given
-        raise ValueError("token_reverse_kl_triton takes expert logits [N, V] or (expert_h [N, d_e], expert_W [V, d_e]) "
-                         f"on h's device, for h [N, d] {tuple(h.shape)} and W [V, d] {tuple(W.shape)}")
-    if h.shape[0] == 0:  # nothing to launch
-        return token_divergence(h, W, expert, "reverse", temperature=float(temperature))
+        if eW.shape[0] != V:
+            raise ValueError(f"expert_W has {eW.shape[0]} rows, the student's W (vocabulary) has {V}")
+        if eh.shape[0] != N:
+            raise ValueError(f"expert_h has {eh.shape[0]} rows, the student's h has {N}")
+        devices = (eh.device, eW.device)
+    if any(dev != h.device for dev in devices):
+        raise ValueError(f"token_reverse_kl_triton: the expert on {', '.join(map(str, devices))}, h on {h.device}")
+    if N == 0:  # nothing to launch
+        return _no_rows(h, W)
     return _TritonReverseKL.apply(h, W, ze, eh, eW, float(temperature))

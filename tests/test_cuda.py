@@ -1,5 +1,6 @@
 """The CUDA path, where a GPU is present (skipped otherwise; run by gpu_check.sh): the kernels
-in fp32 and bf16 against float64 CPU references, the sampler, and a tiny pipeline end to end."""
+in fp32 and bf16 against float64 CPU references, by default (Triton's where it is installed,
+kernels.backend) and forced to the PyTorch kernels; the sampler; a tiny pipeline end to end."""
 import json
 import os
 import subprocess
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from data import Tokenizer, encode_prompts
-from kernels import IGNORE, distill_loss, logprob_loss, naive_divergence, token_divergence, token_logprobs
+import kernels
+from kernels import IGNORE, naive_divergence, token_divergence, token_logprobs
 from model import make_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -31,12 +33,22 @@ def inputs(dtype, seed=0):
 
 # fp32 on the GPU runs its GEMMs in TF32 when train.py turns that on; these tests leave it off
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
+# None: what training gets (kernels.backend: Triton's kernels where Triton imports)
+IMPLS = [None, "fused"]
 
 
+def test_default_backend_on_cuda():
+    h, W = torch.zeros(2, 4, device="cuda"), torch.zeros(3, 4, device="cuda")
+    expected = "fused" if kernels.kernels_triton is None else "triton"
+    assert kernels.backend(h, W) == expected and kernels.backend(h, W, triton=False) == "fused"
+    assert kernels.backend(h, W, fused=False) == "naive"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_token_logprobs_on_cuda_match_float64(dtype):
+def test_token_logprobs_on_cuda_match_float64(dtype, impl):
     (h, W), (rh, rW), _, targets, up = inputs(dtype)
-    out = token_logprobs(h, W, targets.cuda(), block=1024)
+    out = token_logprobs(h, W, targets.cuda(), block=1024, impl=impl)
     (out * up.cuda()).sum().backward()
     ref = torch.log_softmax(rh @ rW.T, -1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
     ref = torch.where(targets != IGNORE, ref, 0.0)
@@ -47,12 +59,13 @@ def test_token_logprobs_on_cuda_match_float64(dtype):
     assert torch.allclose(W.grad.cpu().double(), rW.grad, **TOL[dtype])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["reverse", "forward", "jsd"])
-def test_token_divergence_on_cuda_matches_float64(dtype, kind):
+def test_token_divergence_on_cuda_matches_float64(dtype, kind, impl):
     (h, W), (rh, rW), he, _, up = inputs(dtype)
     We = torch.randn(V, D, generator=torch.Generator().manual_seed(1)) / 4
-    out = token_divergence(h, W, (he.to("cuda", dtype), We.to("cuda", dtype)), kind, beta=0.3, block=1024)
+    out = token_divergence(h, W, (he.to("cuda", dtype), We.to("cuda", dtype)), kind, beta=0.3, block=1024, impl=impl)
     (out * up.cuda()).sum().backward()
     ze = (he.to(dtype).double() @ We.to(dtype).double().T)  # the expert as the GPU sees it
     ref = naive_divergence(rh @ rW.T, ze, kind, beta=0.3)
@@ -61,22 +74,13 @@ def test_token_divergence_on_cuda_matches_float64(dtype, kind):
     assert torch.allclose(h.grad.cpu().double(), rh.grad, **TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_loss_level_path_on_cuda_matches_float64(dtype):
-    (h, W), (rh, rW), he, targets, up = inputs(dtype)
-    w = up.abs()
-    loss = logprob_loss(h, W, targets.cuda(), w.cuda())
-    loss.backward()
-    logp = torch.log_softmax(rh @ rW.T, -1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
-    ref = (torch.where(targets != IGNORE, logp, 0.0) * w.double()).sum()
-    ref.backward()
-    assert torch.allclose(loss.cpu().double(), ref, rtol=TOL[dtype]["rtol"], atol=1.0 if dtype == torch.bfloat16 else 1e-2)
-    assert torch.allclose(h.grad.cpu().double(), rh.grad, **TOL[dtype])
-    We = torch.randn(V, D, generator=torch.Generator().manual_seed(1)) / 4
-    h.grad = None
-    loss, Dv = distill_loss(h, W, (he.to("cuda", dtype), We.to("cuda", dtype)), targets.cuda(), 1.0, 0.5)
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(h.grad).all() and (Dv >= -1e-3).all()
+def test_mismatched_inputs_refused_on_cuda():
+    h, W = torch.randn(3, 8, device="cuda"), torch.randn(22, 8, device="cuda")
+    for impl in IMPLS:
+        with pytest.raises(ValueError, match=r"targets must be in \[0, 22\) or IGNORE \(-100\); got -1 at row 1$"):
+            token_logprobs(h, W, torch.tensor([3, -1, 25], device="cuda"), impl=impl)
+        with pytest.raises(ValueError, match="expert logits have 30 columns, the student's vocabulary has 22"):
+            token_divergence(h, W, torch.randn(3, 30, device="cuda"), impl=impl)
 
 
 def test_kv_cache_sampling_equals_full_recompute_on_cuda():

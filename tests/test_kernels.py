@@ -1,8 +1,13 @@
-"""The fused kernels against float64 references built from plain log_softmax."""
+"""The fused kernels against float64 references built from plain log_softmax; the checks that
+refuse mismatched inputs on every path; the choice of backend (Triton's on CUDA), on the CPU."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from kernels import IGNORE, naive_divergence, token_divergence, token_logprobs, vocab_block
+import kernels
+from kernels import IGNORE, _TokenDivergence, _TokenLogprobs, backend, naive_divergence, token_divergence, \
+    token_logprobs, vocab_block
 
 
 def inputs(N=37, d=16, V=101, scale=1.0, seed=0):
@@ -50,7 +55,6 @@ def test_gradcheck_float64():
     h = torch.randn(6, 4, dtype=torch.double, generator=g, requires_grad=True)
     W = torch.randn(11, 4, dtype=torch.double, generator=g, requires_grad=True)
     t = torch.tensor([0, 3, IGNORE, 10, 7, 1])
-    from kernels import _TokenLogprobs, _TokenDivergence
     # the Function computes in fp32 by design; gradcheck its maths through a float64 wrapper
     assert torch.autograd.gradcheck(lambda a, b: _TokenLogprobs.apply(a, b, t, 0.9, 4).double(), (h, W),
                                     eps=1e-3, atol=2e-3, rtol=2e-3)
@@ -180,3 +184,105 @@ def test_jsd_endpoints_are_a_convention_not_a_limit():
     eps = 1e-3
     assert torch.allclose(token_divergence(zs, eye, ze, "jsd", beta=eps).double() / eps, fwd, rtol=1e-2)
     assert torch.allclose(token_divergence(zs, eye, ze, "jsd", beta=1 - eps).double() / eps, rev, rtol=1e-2)
+
+
+@pytest.mark.parametrize("expert_as_hidden", [False, True])
+def test_bf16_gradients_match_float64(expert_as_hidden):
+    """bf16 h and W: gradients in bf16, against float64 on the same bf16-rounded inputs."""
+    h, W, g = inputs()
+    targets = torch.randint(0, 101, (37,), generator=g)
+    targets[[3, 20]] = IGNORE
+    he, We = torch.randn(37, 16, generator=g), torch.randn(101, 16, generator=g) * 0.5
+    up = torch.randn(37, generator=g)
+    hb, Wb = h.detach().bfloat16().requires_grad_(), W.detach().bfloat16().requires_grad_()
+    hd, Wd = (x.detach().double().requires_grad_() for x in (hb, Wb))
+    expert = (he.bfloat16(), We.bfloat16()) if expert_as_hidden else (he @ We.T).bfloat16()
+    ze = (expert[0].double() @ expert[1].double().T) if expert_as_hidden else expert.double()
+    mine = token_logprobs(hb, Wb, targets, block=16) * up + token_divergence(hb, Wb, expert, block=16)
+    theirs = ref_logprobs(hd, Wd, targets) * up.double() + naive_divergence(hd @ Wd.T, ze, "reverse")
+    gh, gW = torch.autograd.grad(mine.sum(), (hb, Wb))
+    rh, rW = torch.autograd.grad(theirs.sum(), (hd, Wd))
+    assert mine.dtype == torch.float32 and gh.dtype == gW.dtype == torch.bfloat16
+    assert (mine.double() - theirs).abs().max() < 5e-2 * theirs.abs().max()  # bf16 logits, fp32 softmax
+    assert (gh.double() - rh).abs().max() < 3e-2 * rh.abs().max()
+    assert (gW.double() - rW).abs().max() < 3e-2 * rW.abs().max()
+
+
+# ----------------------------------------------------------------------------- refusing mismatched inputs
+@pytest.mark.parametrize("impl", ["fused", "naive"])
+def test_targets_outside_the_vocabulary_are_refused(impl):
+    h, W, _ = inputs(N=3, V=22)
+    for bad, row in (([3, -1, 25], 1), ([IGNORE, 7, 22], 2)):
+        with pytest.raises(ValueError, match=rf"targets must be in \[0, 22\) or IGNORE \(-100\); got {bad[row]} at row {row}$"):
+            token_logprobs(h, W, torch.tensor(bad), impl=impl)
+    with pytest.raises(ValueError, match=r"targets must be integer ids \[N\] = \[3\]"):
+        token_logprobs(h, W, torch.tensor([0, 1]), impl=impl)
+    ok = torch.tensor([0, IGNORE, 21])  # both ends of the vocabulary and IGNORE pass
+    ref = ref_logprobs(h, W, ok)
+    assert torch.allclose(token_logprobs(h, W, ok, impl=impl).double(), ref, atol=1e-5) and ref[1] == 0
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("kind", ["reverse", "forward", "jsd"])
+def test_expert_of_another_shape_is_refused(fused, kind):
+    h, W, g = inputs(N=5, V=22)
+    cases = ((torch.randn(5, 30), "expert logits have 30 columns, the student's vocabulary has 22"),
+             (torch.randn(4, 22), "expert logits have 4 rows, the student's h has 5"),
+             ((torch.randn(5, 8), torch.randn(30, 8)), r"expert_W has 30 rows, the student's W \(vocabulary\) has 22"),
+             ((torch.randn(6, 8), torch.randn(22, 8)), "expert_h has 6 rows, the student's h has 5"),
+             ((torch.randn(5, 8), torch.randn(22, 7)), r"expert must be logits \[N, V\] or a pair"))
+    for expert, message in cases:
+        with pytest.raises(ValueError, match=message):
+            token_divergence(h, W, expert, kind, fused=fused)
+    with pytest.raises(ValueError, match=r"h and W must be \[N, d\] and \[V, d\]"):
+        token_divergence(h, W[:, :3], torch.randn(5, 22), kind, fused=fused)
+    # an expert narrower or wider than the student (d_e != d) is fine
+    out = token_divergence(h, W, (torch.randn(5, 8), torch.randn(22, 8)), kind, fused=fused)
+    assert out.shape == (5,) and torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------- which backend runs
+def fake(device="cuda", dtype=torch.float32):
+    return SimpleNamespace(is_cuda=device == "cuda", dtype=dtype)
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.setattr(kernels, "kernels_triton", object())  # Triton imported
+    assert backend(fake(), fake()) == "triton"
+    assert backend(fake(dtype=torch.bfloat16), fake(dtype=torch.bfloat16)) == "triton"
+    assert backend(fake(), fake(), triton=False) == "fused"  # forward KL, JSD: no Triton kernel
+    assert backend(fake(), fake(), fused=False) == "naive"
+    assert backend(fake("cpu"), fake("cpu")) == "fused"
+    assert backend(fake(), fake("cpu")) == "fused"  # the Triton kernel would refuse them
+    assert backend(fake(dtype=torch.float64), fake(dtype=torch.float64)) == "fused"
+    assert backend(fake(dtype=torch.bfloat16), fake()) == "fused"
+    monkeypatch.setattr(kernels, "kernels_triton", None)  # Triton missing: the normal CPU case
+    assert backend(fake(), fake()) == "fused" and backend(fake(), fake(), fused=False) == "naive"
+
+
+def test_dispatch_calls_the_chosen_kernel(monkeypatch):
+    """token_logprobs and reverse KL hand over to kernels_triton where backend() says triton
+    (faked here: no GPU), after kernels.py's own checks; forward KL never does."""
+    calls = []
+    stub = SimpleNamespace(token_logprobs_triton=lambda *a, **k: calls.append(("logprobs", a, k)) or "lp",
+                           token_reverse_kl_triton=lambda *a, **k: calls.append(("reverse", a, k)) or "kl")
+    monkeypatch.setattr(kernels, "kernels_triton", stub)
+    h, W, g = inputs(N=4, V=22)
+    t, ze = torch.tensor([1, IGNORE, 0, 21]), torch.randn(4, 22, generator=g)
+    assert token_logprobs(h, W, t).shape == (4,) and token_divergence(h, W, ze).shape == (4,) and not calls  # CPU
+    monkeypatch.setattr(kernels, "backend", lambda h, W, fused=True, triton=True: "triton" if fused and triton
+                        else "naive" if not fused else "fused")
+    assert token_logprobs(h, W, t, temperature=0.5) == "lp"
+    assert calls[-1] == ("logprobs", (h, W, t, 0.5), dict(check_targets=False))  # checked once, here
+    assert token_divergence(h, W, ze, "jsd", beta=1.0, temperature=0.5) == "kl"  # JSD(1) is reverse KL
+    assert calls[-1] == ("reverse", (h, W, ze, 0.5), {})
+    assert torch.allclose(token_divergence(h, W, ze, "forward"), token_divergence(h, W, ze, "forward", impl="fused"))
+    assert torch.allclose(token_logprobs(h, W, t, fused=False), ref_logprobs(h, W, t).float(), atol=1e-5)
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="targets must be in"):  # before any backend
+        token_logprobs(h, W, torch.tensor([1, 2, 3, 22]))
+    with pytest.raises(ValueError, match="covers log-probs and reverse KL only"):
+        token_divergence(h, W, ze, "forward", impl="triton")
+    monkeypatch.setattr(kernels, "kernels_triton", None)
+    with pytest.raises(ValueError, match="needs Triton installed"):
+        token_logprobs(h, W, t, impl="triton")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+import kernels  # noqa: E402
 import kernels_triton  # noqa: E402
 from kernels import IGNORE  # noqa: E402
 
@@ -207,10 +208,68 @@ def test_refuses_bad_input_in_one_line():
             kernels_triton.token_logprobs_triton(*args)
     with pytest.raises(ValueError, match=r"targets \[N\]"):
         kernels_triton.token_logprobs_triton(h, W, t[:3])
-    for expert in (torch.zeros(4, 6), (torch.zeros(4, 3), torch.zeros(5, 2)), (torch.zeros(3, 3), torch.zeros(5, 3)),
-                   (torch.zeros(4, 3),)):
-        with pytest.raises(ValueError, match=r"expert logits \[N, V\] or \(expert_h"):
+    for expert, message in ((torch.zeros(4, 6), "expert logits have 6 columns, the student's vocabulary has 5"),
+                            (torch.zeros(3, 5), "expert logits have 3 rows, the student's h has 4"),
+                            ((torch.zeros(4, 3), torch.zeros(5, 2)), r"expert must be logits \[N, V\] or a pair"),
+                            ((torch.zeros(3, 3), torch.zeros(5, 3)), "expert_h has 3 rows, the student's h has 4"),
+                            ((torch.zeros(4, 3), torch.zeros(7, 3)), r"expert_W has 7 rows, the student's W \(vocabulary\) has 5"),
+                            ((torch.zeros(4, 3),), r"expert must be logits \[N, V\] or a pair")):
+        with pytest.raises(ValueError, match=message):
             kernels_triton.token_reverse_kl_triton(h, W, expert)
+
+
+def test_refuses_targets_outside_the_vocabulary():
+    """V=22, targets [3, -1, 25]: one ValueError line naming the first bad row, from
+    token_logprobs_triton itself and through kernels.token_logprobs(impl="triton") (checked
+    before anything launches, so no interpreter is needed)."""
+    h, W = torch.randn(3, 8), torch.randn(22, 8)
+    for bad, row in (([3, -1, 25], 1), ([IGNORE, 7, 22], 2)):
+        message = rf"targets must be in \[0, 22\) or IGNORE \(-100\); got {bad[row]} at row {row}$"
+        with pytest.raises(ValueError, match=message):
+            kernels_triton.token_logprobs_triton(h, W, torch.tensor(bad))
+        with pytest.raises(ValueError, match=message):
+            kernels.token_logprobs(h, W, torch.tensor(bad), impl="triton")
+    with pytest.raises(ValueError, match="expert logits have 30 columns, the student's vocabulary has 22"):
+        kernels.token_divergence(h, W, torch.randn(3, 30), impl="triton")
+
+
+def test_own_ignore_and_no_import_of_kernels():
+    """kernels_triton keeps its own IGNORE, equal to kernels.py's, and imports nothing of
+    kernels.py (which imports it): no cycle."""
+    assert kernels_triton.IGNORE == kernels.IGNORE == IGNORE
+    assert kernels.kernels_triton is kernels_triton
+    code = "import sys, kernels_triton; assert 'kernels' not in sys.modules, 'kernels_triton imports kernels'"
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(HERE), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def check_dispatch():
+    """kernels.token_logprobs / token_divergence(kind="reverse") with impl="triton" (the default
+    on CUDA) run the Triton kernels: against float64 log_softmax, values and gradients."""
+    g = torch.Generator().manual_seed(3)
+    N, D, V = 20, 16, 22  # the project's vocabulary
+    h, W, ze = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g), torch.randn(N, V, generator=g)
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[::4] = IGNORE
+    impl = None if CUDA else "triton"
+    mh, mW = h.to(DEVICE).clone().requires_grad_(), W.to(DEVICE).clone().requires_grad_()
+    if CUDA:
+        assert kernels.backend(mh, mW) == "triton" and kernels.backend(mh, mW, triton=False) == "fused"
+    out = kernels.token_logprobs(mh, mW, targets.to(DEVICE), 0.8, impl=impl) + kernels.token_divergence(
+        mh, mW, ze.to(DEVICE), "reverse", temperature=0.8, impl=impl)
+    out.sum().backward()
+    rh, rW = h.double().requires_grad_(), W.double().requires_grad_()
+    logq, logp = torch.log_softmax(rh @ rW.T / 0.8, -1), torch.log_softmax(ze.double() / 0.8, -1)
+    ref = torch.where(targets != IGNORE, logq.gather(1, targets.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    ref = ref + (logq.exp() * (logq - logp)).sum(-1)
+    ref.sum().backward()
+    assert torch.allclose(out.detach().cpu().double(), ref, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(mh.grad.cpu().double(), rh.grad, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(mW.grad.cpu().double(), rW.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_kernels_py_dispatches_to_triton():
+    run("check_dispatch")
 
 
 def test_no_rows():
