@@ -167,3 +167,21 @@ def test_mix_keeps_the_expert_rows_whole_when_the_students_stop_early():
     assert mask.sum(1).tolist() == [6, 6, 1, 1]  # 5 digits + end; the students' end alone
     assert resp[0].tolist() == tok.encode("31415") + [tok.end] and resp[2, 0] == tok.end
     assert (resp[2:, 1:] == tok.pad).all()
+
+
+@pytest.mark.parametrize("estimator", ["full", "sampled"])
+def test_no_fused_reaches_every_score(estimator, monkeypatch):
+    """--no-fused: every log-prob and divergence is the naive log_softmax reference. The sampled
+    estimator's expert log-probs used to take the fused kernel whatever the flag said."""
+    import kernels
+
+    def refuse(*a, **k):
+        raise AssertionError("a fused kernel ran under --no-fused")
+
+    monkeypatch.setattr(kernels._TokenLogprobs, "apply", refuse)
+    monkeypatch.setattr(kernels._TokenDivergence, "apply", refuse)
+    student, expert = tiny(0), tiny(1)
+    loss = distill.sampled_token_loss if estimator == "sampled" else distill.online_loss
+    per_token, D = loss(stub_run(student), expert, online_batch(torch.tensor([[3, 6, tok.end], [4, 5, 7]])),
+                        SimpleNamespace(**{**vars(CFG), "fused": False}))
+    assert torch.isfinite(per_token).all() and (D >= 0).all()

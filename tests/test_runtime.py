@@ -131,3 +131,75 @@ def test_resume_on_cuda_restores_every_generator(tmp_path):
     assert run.start == 3 and torch.equal(run.prompts.g.get_state(), saved[0])
     assert torch.equal(run.sample_gen.get_state(), saved[1])
     assert all(p.is_cuda and torch.equal(p.cpu(), q) for p, q in zip(run.raw.parameters(), saved[2]))
+
+
+def test_weight_decay_reaches_the_linear_matrices_only(tmp_path):
+    """--weight-decay used to decay every parameter, LayerNorm gains and the embeddings too."""
+    run = make_run(tmp_path, "--weight-decay", "0.1")
+    decayed = {id(p) for g in run.opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {n for n, p in run.raw.named_parameters() if id(p) in decayed}
+    assert names and all(n.endswith("weight") and ".ln" not in n and not n.startswith(("wte", "wpe")) for n in names)
+    assert {n for n, p in run.raw.named_parameters() if p.dim() >= 2 and not n.startswith(("wte", "wpe"))} == names
+    assert sum(len(g["params"]) for g in run.opt.param_groups) == len(list(run.raw.parameters()))
+
+
+def _online_gradient(rank, world, port, out_dir, results):
+    """The gradient of online IL's objective on a fixed global batch of 8 rollouts of different
+    lengths, the rows split evenly over `world` gloo ranks (DDP), as distill.train computes it."""
+    import distill
+    from types import SimpleNamespace
+    if world > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    run = make_run(out_dir, "--batch-size", "8")
+    tok = run.env["tok"]
+    expert = make_model("tiny", run.env["block_size"], tok.vocab_size, seed=1)
+    g = torch.Generator().manual_seed(0)
+    lengths = [1, 4, 2, 3, 3, 1, 3, 2]  # on 2 ranks, rank 1's half (3 wide) is narrower than rank 0's (4)
+    resp = torch.randint(0, 10, (8, 4), generator=g)
+    mask = torch.arange(4)[None, :] < torch.tensor(lengths)[:, None]
+    prompts = [f"{i}{i + 1}=" for i in range(8)]
+    prompt = torch.stack([torch.tensor(tok.encode(p)) for p in prompts])
+    rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    m = mask[rows]
+    R = int(m.sum(1).max())
+    batch = dict(prompt=prompt[rows], prompt_valid=torch.ones_like(prompt[rows], dtype=torch.bool),
+                 response=torch.where(m, resp[rows], tok.pad)[:, :R], response_mask=m[:, :R],
+                 on_policy=torch.ones(m.shape[0], dtype=torch.bool))
+    cfg = SimpleNamespace(temperature=1.0, gamma=1.0, divergence="reverse", beta=0.5, fused=True, baseline=True,
+                          normalize_adv=True)
+    per_token, _ = distill.online_loss(run, expert, batch, cfg)
+    objective = per_token.sum() / run.global_sum(batch["response_mask"].sum()) * run.world
+    objective.backward()
+    results.put((rank, [p.grad.numpy().copy() for p in run.raw.parameters()]))  # by value: the process ends
+
+
+@pytest.mark.parametrize("world", [2])
+def test_online_gradient_does_not_depend_on_the_number_of_ranks(tmp_path, world):
+    """The leave-one-out baseline and the advantage std were taken per rank, so the same global
+    batch gave another gradient on 2 ranks than on 1. They are global now (all-reduced)."""
+    ctx = multiprocessing.get_context("spawn")
+    grads = {}
+    for n in (1, world):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_online_gradient, args=(r, n, port, str(tmp_path / str(n)), results)) for r in range(n)]
+        for p in procs:
+            p.start()
+        try:
+            got = dict(results.get(timeout=120) for _ in procs)
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+        got = {r: [torch.from_numpy(g) for g in gs] for r, gs in got.items()}
+        grads[n] = got[0]
+        for r in range(1, n):  # DDP: every rank holds the same averaged gradient
+            assert all(torch.equal(a, b) for a, b in zip(got[0], got[r]))
+    assert any(g.abs().max() > 0 for g in grads[1])
+    for a, b in zip(grads[1], grads[world]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (a - b).abs().max()

@@ -73,3 +73,26 @@ def test_prompt_positions_get_no_direct_gradient():
     assert h_full.grad[:, P:-1][pad_cols].abs().max() == 0
     assert torch.allclose(response_hidden(student, data["prompt"], data["prompt_valid"], data["response"],
                                           data["response_mask"]), h.detach())
+
+
+def test_word_level_distillation_scores_at_the_sampling_temperature():
+    """--sft-loss forward_kl at --temperature T: the expert sampled from softmax(z / T), so the
+    KL it distils is KL(softmax(z_e / T) || softmax(z_s / T)); it used to be taken at T=1.
+    Oracle: float64 log_softmax of the full logits."""
+    import types
+
+    student, expert, data = make_model("tiny", 16, tok.vocab_size, seed=0), make_model("tiny", 16, tok.vocab_size, seed=1), batch()
+    mask = data["response_mask"]
+    ze = expert.logits(torch.cat([data["prompt"], data["response"]], 1),
+                       torch.cat([data["prompt_valid"], mask], 1))[:, data["prompt"].shape[1] - 1:-1].detach()
+    zs = student.logits(torch.cat([data["prompt"], data["response"]], 1),
+                        torch.cat([data["prompt_valid"], mask], 1))[:, data["prompt"].shape[1] - 1:-1]
+    T = 0.5
+    lp, lq = torch.log_softmax(ze.double() / T, -1), torch.log_softmax(zs.double() / T, -1)
+    ref = (lp.exp() * (lp - lq)).sum(-1) * mask
+    run = RecordingRun(student)
+    cfg = types.SimpleNamespace(temperature=T, fused=True)
+    got = sft.offline_loss(run, dict(data, expert_logits=ze), cfg, "forward_kl")
+    assert torch.allclose(got.double(), ref, atol=1e-5)
+    assert not torch.allclose(got.double(), ((lambda a, b: (a.exp() * (a - b)).sum(-1))(
+        torch.log_softmax(ze.double(), -1), torch.log_softmax(zs.double(), -1)) * mask), atol=1e-3)  # T=1 differs
