@@ -39,6 +39,26 @@ def test_non_finite_gradient_with_finite_loss_stops_before_the_step(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, run.raw.parameters()))
 
 
+def run_ranks(n, args, target):
+    """Start n spawned processes target(*args(rank, port, results)) on a free port; return what
+    each put in `results`, one item per process."""
+    ctx = multiprocessing.get_context("spawn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = ctx.Queue()
+    procs = [ctx.Process(target=target, args=args(r, port, results)) for r in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        return [results.get(timeout=120) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+
 def _one_rank_has_a_nan_loss(rank, port, out_dir, results):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -56,21 +76,7 @@ def _one_rank_has_a_nan_loss(rank, port, out_dir, results):
 def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     """Under torchrun one rank's NaN must stop all of them: a rank that raised alone left the
     others waiting in DDP's gradient all-reduce for ever."""
-    ctx = multiprocessing.get_context("spawn")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_one_rank_has_a_nan_loss, args=(r, port, str(tmp_path), results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        got = sorted(results.get(timeout=120) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+    got = sorted(run_ranks(2, lambda r, port, results: (r, port, str(tmp_path), results), _one_rank_has_a_nan_loss))
     assert got == [(0, "stopped"), (1, "stopped")]
 
 
@@ -179,24 +185,10 @@ def _online_gradient(rank, world, port, out_dir, results):
 def test_online_gradient_does_not_depend_on_the_number_of_ranks(tmp_path, world):
     """The leave-one-out baseline and the advantage std were taken per rank, so the same global
     batch gave another gradient on 2 ranks than on 1. They are global now (all-reduced)."""
-    ctx = multiprocessing.get_context("spawn")
     grads = {}
     for n in (1, world):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        results = ctx.Queue()
-        procs = [ctx.Process(target=_online_gradient, args=(r, n, port, str(tmp_path / str(n)), results)) for r in range(n)]
-        for p in procs:
-            p.start()
-        try:
-            got = dict(results.get(timeout=120) for _ in procs)
-        finally:
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
-        got = {r: [torch.from_numpy(g) for g in gs] for r, gs in got.items()}
+        got = run_ranks(n, lambda r, port, results: (r, n, port, str(tmp_path / str(n)), results), _online_gradient)
+        got = {r: [torch.from_numpy(g) for g in gs] for r, gs in got}
         grads[n] = got[0]
         for r in range(1, n):  # DDP: every rank holds the same averaged gradient
             assert all(torch.equal(a, b) for a, b in zip(got[0], got[r]))
