@@ -31,7 +31,7 @@ clock quickstart timeout 70 $py train.py --mode onpolicy --device cuda --out-dir
 pids=() names=(tests grid)
 (clock tests timeout 240 $py -m pytest -q -p no:cacheprovider $xdist \
     tests/test_cuda.py tests/test_kernels_triton.py tests/test_kernels.py tests/test_model.py tests/test_runtime.py > "$logs/tests.log" 2>&1) & pids+=($!)
-(clock grid timeout 300 $py eval.py --grid --seeds 1 --jobs 4 --out-dir "$runs/grid" --train-args "--device cuda" \
+(clock grid timeout 300 $py experiments.py --grid --seeds 1 --jobs 4 --out-dir "$runs/grid" --train-args "--device cuda" \
     > "$logs/grid.log" 2>&1) & pids+=($!)
 if [ -n "${EXTRA:-}" ]; then  # a script of your own (a path from the repository root), given <logs> <runs>
     (clock extra timeout 250 bash "$EXTRA" "$logs" "$runs" > "$logs/extra.log" 2>&1) & pids+=($!) names+=(extra)

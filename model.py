@@ -155,7 +155,7 @@ class GPT(nn.Module):
             if temperature == 0:
                 nxt = logits.argmax(-1)
             else:
-                if not torch.isfinite(logits).all():  # multinomial would raise from deep inside torch
+                if not (logits < math.inf).all():  # NaN or +inf (top_k's -inf is fine): multinomial would raise
                     raise FloatingPointError("non-finite logits while sampling (the weights have diverged)")
                 nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(1)
             nxt = torch.where(done, pad_token, nxt)
@@ -242,7 +242,8 @@ def load_checkpoint(path, expect=None, device="cpu"):
         raise UsageError(f"{path}: no such checkpoint")
     try:
         ck = torch.load(path, map_location=device, weights_only=True)  # tensors and plain data only: no code runs
-        model = GPT(GPTConfig(**ck["model_args"]))
+        args = {k: v for k, v in ck["model_args"].items() if not (k == "dropout" and v == 0)}  # made when it was a field
+        model = GPT(GPTConfig(**args))
         model.load_state_dict(ck["model"])
     except Exception as e:  # corrupt or foreign file: say so, in one line
         raise UsageError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:100]})") from None

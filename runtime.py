@@ -123,8 +123,8 @@ class Run:
         self.device, self.rank, self.world = env["device"], env["rank"], env["world"]
         self.path = os.path.join(env["dir"], f"{name}.pt")
         self.metrics = os.path.join(env["dir"], f"{name}.metrics.jsonl")
-        # this run's rows go to a file of its own, copied over metrics.jsonl at each checkpoint: a
-        # run that fails before its first checkpoint leaves a finished run's files as they were
+        # this run's rows go to a file of its own until its first checkpoint, then over metrics.jsonl:
+        # a run that fails before its first checkpoint leaves a finished run's files as they were
         self.rows = f"{self.metrics}.part.{os.getpid()}"
         self.raw = self.model = model
         # weight decay on the matrices of the linear layers only; not on biases, LayerNorm gains
@@ -136,6 +136,7 @@ class Run:
         self.sample_gen = torch.Generator(self.device).manual_seed(seed_for(cfg.seed, f"{name}/sampling", self.rank))
         self.start, self.totals, self.stop_requested, self.t0 = 0, {}, False, time.time()
         self.step, self.saved, self.pending = 0, None, None  # saved: step of the last checkpoint written
+        self.wrote = False  # whether this process has written a checkpoint yet
         if self.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(model)
         if cfg.compile:
@@ -194,7 +195,7 @@ class Run:
                     raise SystemExit(130)
         finally:
             signal.signal(signal.SIGINT, old)
-            if os.path.exists(self.rows):
+            if self.rows != self.metrics and os.path.exists(self.rows):
                 os.remove(self.rows)
 
     def _on_sigint(self, *_):
@@ -273,17 +274,20 @@ class Run:
             sample=self.gather_rng(self.sample_gen), prompts=self.gather_rng(self.prompts.g) if self.prompts else None))
 
     def save(self, snap):
-        """The checkpoint, then this run's metrics up to it over metrics.jsonl; the first one also
-        removes the result.json of the run it replaces (it described the old checkpoint)."""
+        """The checkpoint, then this run's metrics up to it over metrics.jsonl; the first one this
+        process writes also removes the run's result.json (it described the old checkpoint)."""
         if not all(torch.isfinite(p).all() for p in self.raw.parameters()):
             raise UsageError(f"non-finite weights at step {snap['step']} of {self.name}; {self.kept()}")
-        first, self.saved = self.saved is None, snap["step"]
+        first, self.saved, self.wrote = not self.wrote, snap["step"], True
         if self.rank == 0:
             save_checkpoint(self.path, self.raw, optimizer=self.opt.state_dict(), step=snap["step"], total=self.total,
                             totals=snap["totals"], config=asdict(self.cfg), seed=self.cfg.seed, rng=snap["rng"],
                             name=self.name, **identity(self.env, self.raw.cfg, self.expert_id))
-            with open(self.rows) as f:
-                write_atomic(self.metrics, "".join(line for line in f if _step_of(line) <= snap["step"]))
+            if self.rows != self.metrics:  # from now on this run owns metrics.jsonl: its rows go there
+                with open(self.rows) as f:
+                    write_atomic(self.metrics, "".join(line for line in f if _step_of(line) <= snap["step"]))
+                os.remove(self.rows)
+                self.rows = self.metrics
             result = os.path.join(self.env["dir"], f"{self.name}.result.json")
             if first and os.path.exists(result):
                 os.remove(result)

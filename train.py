@@ -20,6 +20,7 @@ import json
 import math
 import os
 import sys
+import traceback
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -295,7 +296,8 @@ def main(argv=None):
         elif cfg.mode == "sft":  # offline IL: the expert is queried before training only
             data = expert_samples(cfg, env, expert, expert_id, cfg.steps * cfg.batch_size,
                                   seed_for(cfg.seed, PROMPT_STREAMS["sft"]))
-            model = fit(cfg, env, name, student, cfg.steps, student_lr(cfg), sft.train, data, cfg, expert_id=expert_id)
+            model = fit(cfg, env, name, student, cfg.steps, student_lr(cfg), sft.train, data, cfg, cfg.sft_loss,
+                        expert_id=expert_id)
         else:  # online IL: the student samples, the expert scores every token
             prompts = PromptStream(env["task"], env["held_out"], seed=seed_for(cfg.seed, PROMPT_STREAMS["onpolicy"], env["rank"]))
             model = fit(cfg, env, name, student, cfg.steps, student_lr(cfg), distill.train, expert, prompts, env["tok"],
@@ -343,12 +345,16 @@ if __name__ == "__main__":
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     try:
         main()
-    except UsageError as e:  # bad input: one line; anything else is a bug and keeps its traceback
+    except (UsageError, FloatingPointError) as e:  # bad input, or weights that diverged: one line
         if distributed:
             print(f"error: {e}", file=sys.stderr)
             exit_distributed(1)
         sys.exit(f"error: {e}")
+    except BaseException as e:  # Ctrl-C's exit 130, or a bug (which keeps its traceback)
+        if not distributed:
+            raise
+        if not isinstance(e, SystemExit):
+            traceback.print_exc()
+        exit_distributed(e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1)
     if distributed:
         exit_distributed(0)
-
-

@@ -176,9 +176,11 @@ def test_ctrl_c_then_resume_equals_uninterrupted(tiny_runs, tmp_path):
     args = ["--mode", "onpolicy", "--out-dir", str(tmp_path), *TINY, "--steps", "60", "--save-every", "1000"]
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    metrics = tmp_path / "mirror" / "onpolicy-small-g1.metrics.jsonl"
+    def rows_logged():  # before its first checkpoint a run logs to <name>.metrics.jsonl.part.<pid>
+        return sum(p.read_text().count('"loss"') for p in (tmp_path / "mirror").glob("onpolicy-small-g1.metrics.jsonl*"))
+
     deadline = time.time() + 120
-    while not (metrics.exists() and metrics.read_text().count('"loss"') >= 5) and time.time() < deadline:
+    while rows_logged() < 5 and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
@@ -438,3 +440,19 @@ def test_online_il_that_diverges_keeps_its_last_good_checkpoint(tiny_runs, tmp_p
     assert out.returncode != 0 and len(lines) == 1 and "last good checkpoint is kept" in lines[0], out.stderr
     ck = torch.load(tmp_path / "mirror" / "onpolicy-small-g1.pt", weights_only=True)
     assert ck["step"] == 5 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_word_level_distillation_trains_on_its_own_loss(tiny_runs, tmp_path):
+    """--sft-loss forward_kl reaches sft.train: its first step's loss is the forward KL to the
+    expert's scores, not the cross-entropy of the plain SFT run (an argument once went missing)."""
+    d, _ = tiny_runs
+    shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("onpolicy*", "sft*"))
+    train("--mode", "sft", "--out-dir", str(tmp_path), *TINY, "--steps", "1")
+    train("--mode", "sft", "--sft-loss", "forward_kl", "--out-dir", str(tmp_path), *TINY, "--steps", "1")
+
+    def first_loss(name):
+        rows = (tmp_path / "mirror" / f"{name}.metrics.jsonl").read_text().splitlines()
+        return next(json.loads(r)["loss"] for r in rows if '"loss"' in r)
+
+    ce, fkl = first_loss("sft-small"), first_loss("sft-small-fkl")
+    assert 0 < fkl < ce  # the KL is the cross-entropy less the expert's entropy
