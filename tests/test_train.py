@@ -456,3 +456,28 @@ def test_word_level_distillation_trains_on_its_own_loss(tiny_runs, tmp_path):
 
     ce, fkl = first_loss("sft-small"), first_loss("sft-small-fkl")
     assert 0 < fkl < ce  # the KL is the cross-entropy less the expert's entropy
+
+
+def test_an_expert_on_a_plateau_is_trained_again_from_another_init(tmp_path, monkeypatch):
+    """--expert-restarts: an attempt that ends below --expert-min-reward is trained again from
+    another init on the same data; one that converges is the expert as before (no restart)."""
+    import train as train_py
+    cfg = train_py.parse_args([*TINY, "--expert-steps", "2", "--out-dir", str(tmp_path), "--expert-min-reward", "0.9"])
+    env = train_py.setup(cfg)
+    trained = []
+
+    def fake_fit(cfg, env, name, model, steps, lr, loop, data, *args, **kw):
+        trained.append((name, model.wte.weight.detach().clone(), data["response"]))
+        return model
+
+    for rewards, n in (([0.3, 0.5, 0.99], 3), ([0.99], 1), ([0.1, 0.1, 0.1], 3)):
+        trained.clear()
+        it = iter(rewards)
+        monkeypatch.setattr(train_py, "fit", fake_fit)
+        monkeypatch.setattr(train_py.evaluation, "quick_eval", lambda *a, **k: dict(reward=next(it)))
+        train_py.train_expert(cfg, env)
+        assert len(trained) == n  # the last attempt is returned either way; the gate then refuses it
+        assert all(torch.equal(t[2], trained[0][2]) for t in trained)  # the same data each time
+        assert all(not torch.equal(a[1], b[1]) for a, b in zip(trained, trained[1:]))  # another init each time
+    first = train_py.new_model(cfg, env, cfg.expert_size, "expert").wte.weight  # the first attempt is the old expert
+    assert torch.equal(trained[0][1], first)
