@@ -213,9 +213,13 @@ def make_task(name, **kwargs):
     return dict(mirror=MirrorTask, pointer=PointerTask, countdown=CountdownTask)[name](**kwargs)
 
 
-def sample_answer(task, prompt, g):
-    """Ground truth: uniform over *all* valid answers, so the expert learns every mode."""
+def sample_answer(task, prompt, g, plus=0.5):
+    """Ground truth: uniform over *all* valid answers, so the expert learns every mode. plus: on
+    a signed mirror or pointer task, the probability of the "+" answer instead (the weight of
+    the mode the 1-layer student can represent; toy.py, the mode-weight law)."""
     answers = task.answers(prompt)
+    if plus != 0.5:
+        return answers[0] if float(torch.rand(1, generator=g)) < plus else answers[1]
     return answers[randint(0, len(answers) - 1, g)]
 
 

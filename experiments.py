@@ -90,6 +90,9 @@ def run_jobs(jobs, parallel):
     return time.time() - t0
 
 
+ADDED_SINCE = ("mode_weight", "expert_restarts")  # restarts only run with the gate on, which experiments turn off
+
+
 def check_done(done_file, argv):
     """A finished run is reused only if train.py was given these very settings: an out-dir left
     by another recipe (other steps, lr, sizes) is an error, never silently mixed in."""
@@ -98,6 +101,8 @@ def check_done(done_file, argv):
     want = asdict(parse_args(["--threads", "1", *argv]))
     if made and want["task"] != "countdown":  # a countdown-only flag added since the run was made changes nothing else
         made = {**{f.name: want[f.name] for f in fields(Config) if f.metadata["help"].startswith("countdown:")}, **made}
+    if made:  # flags added since, whose defaults do what the code did before them
+        made = {**{k: getattr(Config, k) for k in ADDED_SINCE}, **made}
     if made != want:
         what = (", ".join(f"--{k.replace('_', '-')} {made.get(k, '(not recorded)')} (this run: {want[k]})"
                           for k in want if made.get(k) != want[k])

@@ -51,6 +51,7 @@ class Config:
     digits: int = opt(0, "mirror, pointer: prompt digits (0: the task's own, 5 and 10)", PIPELINE)
     answer_len: int = opt(0, "mirror, pointer: answer digits H (0: mirror all of them, pointer 1)", PIPELINE)
     sign: bool = opt(True, "mirror, pointer: the answer starts with + or - naming its mode (off: implicit)", PIPELINE)
+    mode_weight: float = opt(0.5, "mirror, pointer: the expert's ground truth is the + answer with this probability", PIPELINE)
     n_numbers: int = opt(3, "countdown: how many numbers", PIPELINE)
     max_number: int = opt(20, "countdown: numbers are drawn from 1..max_number", PIPELINE)
     max_target: int = opt(100, "countdown: targets are in 1..max_target", PIPELINE)
@@ -131,6 +132,8 @@ def check(cfg):
             ("weight_decay", 0), ("expert_restarts", 0), ("digits", 0), ("answer_len", 0), ("block_size", 0)) if getattr(cfg, k) < lo]
     bad += [f"{flag(k)} must be in {lo}..{hi}" for k, lo, hi in
             (("seed", 0, 2**31 - 1), ("threads", 0, 1024), ("expert_min_reward", 0, 1)) if not lo <= getattr(cfg, k) <= hi]
+    if not 0 < cfg.mode_weight < 1 or (cfg.mode_weight != 0.5 and (cfg.task == "countdown" or not cfg.sign)):
+        bad.append("--mode-weight is a probability in (0, 1), for mirror or pointer with a sign")
     if not 0 <= cfg.gamma <= 1:
         bad.append("--gamma must be in [0, 1]")
     if not 0 <= cfg.mix < 1:
@@ -176,8 +179,9 @@ def load_finished(path, env, size, expert_id, made_by=None):
     if ck.get("step") != ck.get("total"):
         return None
     for k, (flag, v) in (made_by or {}).items():
-        if ck.get(k) != v:
-            raise UsageError(f"{path} was trained with {flag} {ck.get(k)}, this run asks for {v}: give this run "
+        made = ck.get(k, ck.get("config", {}).get(k, getattr(Config, k, None)))  # its fields, else its flags
+        if made != v:
+            raise UsageError(f"{path} was trained with {flag} {made}, this run asks for {v}: give this run "
                              f"another --out-dir (or delete the file to retrain it)")
     return model
 
@@ -200,7 +204,8 @@ def get_expert(cfg, env):
     else:
         path = os.path.join(env["dir"], "expert.pt")
         expert = None if cfg.mode == "expert" else load_finished(
-            path, env, cfg.expert_size, None, dict(seed=("--seed", cfg.seed), total=("--expert-steps", cfg.expert_steps)))
+            path, env, cfg.expert_size, None, dict(seed=("--seed", cfg.seed), total=("--expert-steps", cfg.expert_steps),
+                                                   mode_weight=("--mode-weight", cfg.mode_weight)))
     if expert is None:
         expert = train_expert(cfg, env)
     expert.eval().requires_grad_(False)  # frozen and replicated: no DDP wrapper
@@ -217,7 +222,7 @@ def train_expert(cfg, env):
         texts = PromptStream(env["task"], env["held_out"], seed=seed_for(cfg.seed, PROMPT_STREAMS["expert"])).batch(
             cfg.expert_steps * cfg.batch_size)
         g = torch.Generator().manual_seed(seed_for(cfg.seed, "expert/answers"))
-        answers = [sample_answer(env["task"], p, g) for p in texts]
+        answers = [sample_answer(env["task"], p, g, plus=cfg.mode_weight) for p in texts]
         data = sft.ground_truth_dataset(env["tok"], env["task"], texts, answers, env["device"])
     for attempt in range(cfg.expert_restarts + 1):
         expert = new_model(cfg, env, cfg.expert_size, "expert" if attempt == 0 else f"expert-restart{attempt}")

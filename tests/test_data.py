@@ -183,3 +183,16 @@ def test_eval_prompts_beyond_the_task_fail_at_once(n):
 def test_unknown_task_is_clear():
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         make_task("nope")
+
+
+def test_mode_weight_draws_the_plus_answer_that_often_and_half_keeps_the_old_draws():
+    """--mode-weight p: the expert's ground truth is the "+" answer with probability p (the mode
+    the 1-layer student can represent); p = 0.5 draws exactly what the uniform sampler drew."""
+    t = PointerTask(digits=10)
+    prompt = "3141592653="
+    for p in (0.05, 0.2):
+        g = torch.Generator().manual_seed(0)
+        share = sum(sample_answer(t, prompt, g, plus=p)[0] == "+" for _ in range(4000)) / 4000
+        assert abs(share - p) < 4 * (p * (1 - p) / 4000) ** 0.5
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert [sample_answer(t, prompt, g1) for _ in range(50)] == [sample_answer(t, prompt, g2, plus=0.5) for _ in range(50)]

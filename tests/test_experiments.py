@@ -234,3 +234,22 @@ def test_online_method_removes_gamma_and_its_value_only():
                                                                          "--beta", "0"]
     label, flags, name = experiments.online("x", "--divergence", "jsd", "--gamma", "0.5", suffix="-jsd")
     assert flags == ["--mode", "onpolicy", "--gamma", "0.5", "--divergence", "jsd"] and name("small") == "onpolicy-small-g0.5-jsd"
+
+
+@pytest.mark.parametrize("p,H,eps", [(0.5, 1, 0.01), (0.1, 1, 0.01), (0.05, 2, 0.05), (0.2, 2, 1e-3), (0.3, 3, 0.1)])
+def test_mode_weight_law_closed_form_matches_enumeration(p, H, eps):
+    """q* = sigmoid(logit p + H c) for online IL and q = p for SFT, against the sequence-level KLs
+    summed over every response and every target string (toy.mode_weight_enumerated), to the
+    enumeration's grid step; the price c of "-" per digit as well."""
+    law, enum = toy.mode_weight_law(p, H, eps), toy.mode_weight_enumerated(p, H, eps)
+    assert abs(law["c"] - enum["c"]) < 1e-9
+    assert abs(law["q_online"] - enum["q_online"]) < 1e-4 and abs(enum["q_sft"] - p) < 1e-4
+    assert abs(law["reward_online"] - enum["reward_online"]) < 1e-4
+    assert law["q_online"] > p and law["reward_online"] > law["reward_sft"]  # online prefers the representable mode
+
+
+def test_mode_weight_price_is_least_at_a_uniform_guess():
+    best, uniform = toy.mode_weight_r_is_uniform(H=1, eps=0.01)
+    assert best >= uniform - 1e-12
+    # and c grows with the expert's confidence: about (V-1)/V ln((V-1)/eps) - ln V, far above ln V
+    assert toy.mode_weight_law(0.5, 1, 1e-4)["c"] > 2 * toy.mode_weight_law(0.5, 1, 0.01)["c"] - 1
