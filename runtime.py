@@ -183,9 +183,16 @@ class Run:
                     group["lr"] = self.lr * lr_factor(step, self.total)
                 self.step = step
                 yield step
+                overflow = 0
                 if self.rank == 0 and self.eval_reward and ((step + 1) % self.cfg.eval_every == 0 or step + 1 == self.total):
-                    self.log_eval(step)
-                stop = self.global_sum(torch.tensor(int(self.stop_requested))) > 0
+                    try:
+                        self.log_eval(step)
+                    except FloatingPointError:  # sampling from weights that diverged
+                        overflow = 1
+                stop, overflow = self.global_sum(torch.tensor([int(self.stop_requested), overflow])) > 0
+                if overflow:  # every rank stops, not rank 0 alone (the others would wait for it for ever)
+                    raise UsageError(f"non-finite logits in the held-out check after step {step + 1} of {self.name} "
+                                     f"(the weights have diverged); {self.kept()}")
                 if stop or step + 1 == self.total:  # no later step will check these weights
                     self.save(self.snapshot(step + 1))
                 elif (step + 1) % self.cfg.save_every == 0:

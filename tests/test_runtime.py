@@ -195,3 +195,18 @@ def test_online_gradient_does_not_depend_on_the_number_of_ranks(tmp_path, world)
     assert any(g.abs().max() > 0 for g in grads[1])
     for a, b in zip(grads[1], grads[world]):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (a - b).abs().max()
+
+
+def test_a_held_out_check_that_overflows_stops_the_run_in_one_line(tmp_path):
+    """Finite weights can still overflow the logits: the held-out check (rank 0 alone) used to
+    raise from inside sampling while the other ranks waited; now every rank stops together."""
+    run = make_run(tmp_path, "--eval-every", "1")
+
+    def overflow(model, prompts, seed):
+        raise FloatingPointError("non-finite logits while sampling")
+
+    run.eval_reward = overflow
+    with pytest.raises(UsageError, match="non-finite logits in the held-out check after step 1 of t"):
+        for _ in run.steps():
+            pass
+    assert not os.path.exists(run.path)  # nothing written from weights that diverged
