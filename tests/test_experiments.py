@@ -253,3 +253,25 @@ def test_mode_weight_price_is_least_at_a_uniform_guess():
     assert best >= uniform - 1e-12
     # and c grows with the expert's confidence: about (V-1)/V ln((V-1)/eps) - ln V, far above ln V
     assert toy.mode_weight_law(0.5, 1, 1e-4)["c"] > 2 * toy.mode_weight_law(0.5, 1, 0.01)["c"] - 1
+
+
+def test_modes_runs_end_to_end_and_measures_p_plus(tmp_path):
+    """modes.py, tiny: every run, P('+') read from the first-token distribution (a probability),
+    the expert's price c of '-' measured (>= 0 nats: no guess beats the expert), the report."""
+    import modes
+    out = subprocess.run([sys.executable, "modes.py", "--seeds", "1", "--weights", "0.2", "--out-dir", str(tmp_path),
+                          "--train-args", "--expert-steps 40 --base-steps 10 --steps 10 --batch-size 16 "
+                          "--eval-prompts 16 --eval-every 10 --log-every 10"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = (tmp_path / "report.md").read_text()
+    assert "p=0.2, H=1" in text and "predicted q*" in text and "claims, each a count over seeds" in text
+    from model import load_checkpoint
+    task = modes.make_task("pointer", digits=10, answer_len=1)
+    tok = modes.task_tokenizer(task)
+    expert, _ = load_checkpoint(tmp_path / "p0.2" / "H1" / "seed0" / "pointer" / "expert.pt")
+    prompts = eval_prompts(task, 16, seed=seed_for(0, "held-out"))
+    q = modes.first_token_plus(expert, tok, prompts)
+    assert 0 < q < 1
+    c, c_uniform, c_guess = modes.minus_price(expert, tok, task, prompts)
+    assert c == min(c_uniform, c_guess) and c >= 0
