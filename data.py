@@ -27,6 +27,9 @@ pointer (the horizon task): the prompt is n >= 10 random digits and '='; the ans
     positional lookup the 1-layer student can make; following a pointer needs two lookups in a
     row (read d_i, then read the place it names), which one attention layer cannot compose, so
     the student can never write a "-" answer and is misspecified at every H, H=1 included.
+    --no-copy: "+" follows the pointers (d[d_0] ...) and "-" follows them from the far end
+    (d[n-1-d_0] ...): no answer is in the student's reach, so the misspecification is *not*
+    reward-relative (the paper's case where online IL cannot win either).
     --no-sign with H=1: the answer is one digit, d_0 or d[d_0], with nothing before it: the
     single-token case of the paper's H=1 bottleneck.
 countdown (the paper's task, countdown.py): given n numbers and a target, reach the target with
@@ -184,6 +187,7 @@ class PointerTask(_Digits):
     answer_len: int = 1  # H
     sign: bool = True  # the answer starts with + (copy) or - (pointer)
     name: str = "pointer"
+    copy: bool = True  # False: + follows the pointers too, and - follows them from the far end (d[n-1-d_i])
 
     def __post_init__(self):
         if self.digits < 10:
@@ -193,10 +197,12 @@ class PointerTask(_Digits):
 
     def answers(self, prompt):
         d, H = prompt[:-1], self.answer_len
-        copy, follow = d[:H], "".join(d[int(c)] for c in d[:H])
+        follow = "".join(d[int(c)] for c in d[:H])
+        first = d[:H] if self.copy else follow  # without copy, no answer is one lookup away
+        second = follow if self.copy else "".join(d[len(d) - 1 - int(c)] for c in d[:H])
         if self.sign:
-            return ["+" + copy, "-" + follow]
-        return sorted({copy, follow})
+            return ["+" + first, "-" + second]
+        return sorted({first, second})
 
 
 TASKS = ("mirror", "pointer", "countdown")

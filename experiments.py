@@ -90,7 +90,7 @@ def run_jobs(jobs, parallel):
     return time.time() - t0
 
 
-ADDED_SINCE = ("mode_weight", "expert_restarts")  # restarts only run with the gate on, which experiments turn off
+ADDED_SINCE = ("mode_weight", "expert_restarts", "copy")  # restarts only run with the gate on, which experiments turn off
 
 
 def check_done(done_file, argv):

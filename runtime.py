@@ -28,7 +28,7 @@ def build_task(cfg):
     if cfg.task == "mirror":
         return make_task("mirror", digits=cfg.digits or 5, answer_len=cfg.answer_len, sign=cfg.sign)
     if cfg.task == "pointer":
-        return make_task("pointer", digits=cfg.digits or 10, answer_len=cfg.answer_len or 1, sign=cfg.sign)
+        return make_task("pointer", digits=cfg.digits or 10, answer_len=cfg.answer_len or 1, sign=cfg.sign, copy=cfg.copy)
     return make_task("countdown", n_numbers=cfg.n_numbers, max_number=cfg.max_number, max_target=cfg.max_target,
                      format=cfg.countdown_format, number_tokens=cfg.number_tokens)
 

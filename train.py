@@ -51,6 +51,7 @@ class Config:
     digits: int = opt(0, "mirror, pointer: prompt digits (0: the task's own, 5 and 10)", PIPELINE)
     answer_len: int = opt(0, "mirror, pointer: answer digits H (0: mirror all of them, pointer 1)", PIPELINE)
     sign: bool = opt(True, "mirror, pointer: the answer starts with + or - naming its mode (off: implicit)", PIPELINE)
+    copy: bool = opt(True, "pointer: + copies (off: + and - both follow pointers, neither in a 1-layer student's reach)", PIPELINE)
     mode_weight: float = opt(0.5, "mirror, pointer: the expert's ground truth is the + answer with this probability", PIPELINE)
     n_numbers: int = opt(3, "countdown: how many numbers", PIPELINE)
     max_number: int = opt(20, "countdown: numbers are drawn from 1..max_number", PIPELINE)
@@ -134,6 +135,8 @@ def check(cfg):
             (("seed", 0, 2**31 - 1), ("threads", 0, 1024), ("expert_min_reward", 0, 1)) if not lo <= getattr(cfg, k) <= hi]
     if not 0 < cfg.mode_weight < 1 or (cfg.mode_weight != 0.5 and (cfg.task == "countdown" or not cfg.sign)):
         bad.append("--mode-weight is a probability in (0, 1), for mirror or pointer with a sign")
+    if not cfg.copy and cfg.task != "pointer":
+        bad.append("--no-copy is a pointer setting")
     if not 0 <= cfg.gamma <= 1:
         bad.append("--gamma must be in [0, 1]")
     if not 0 <= cfg.mix < 1:

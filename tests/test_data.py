@@ -196,3 +196,11 @@ def test_mode_weight_draws_the_plus_answer_that_often_and_half_keeps_the_old_dra
         assert abs(share - p) < 4 * (p * (1 - p) / 4000) ** 0.5
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     assert [sample_answer(t, prompt, g1) for _ in range(50)] == [sample_answer(t, prompt, g2, plus=0.5) for _ in range(50)]
+
+
+def test_pointer_without_copy_has_no_answer_one_lookup_away():
+    """--no-copy: + follows the pointers, - follows them from the far end (by hand)."""
+    t = PointerTask(digits=10, answer_len=2, copy=False)
+    # d = 3141592653: d0=3 -> d[3]=1, d[9-3]=d[6]=2; d1=1 -> d[1]=1, d[9-1]=d[8]=5
+    assert t.answers("3141592653=") == ["+11", "-25"]
+    assert PointerTask(digits=10, answer_len=2).answers("3141592653=") == ["+31", "-11"]

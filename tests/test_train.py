@@ -274,6 +274,7 @@ def test_killed_run_resumes_from_its_held_back_checkpoint_exactly(tiny_runs, tmp
     (["--expert-min-reward", "1.5"], "--expert-min-reward must be in 0..1"),
     (["--threads", "100000"], "--threads must be in 0..1024"),
     (["--mode-weight", "1"], "--mode-weight is a probability in (0, 1)"),
+    (["--no-copy"], "--no-copy is a pointer setting"),
     (["--mode-weight", "0.2", "--no-sign"], "for mirror or pointer with a sign"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
