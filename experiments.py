@@ -237,7 +237,8 @@ def grid(a, train_args):
     res = read_results(dirs, a.task, sizes, GRID)
     rows = {f"{expert_size}: same as expert (realizable)": expert_size,
             **{f"{s}: smaller (misspecified)": s for s in small}}
-    for key, what in (("reward", "held-out reward at temperature 1"), ("rev_kl", "sequence-level KL(student || expert)"),
+    for key, what in (("reward", "held-out reward at temperature 1"), ("reward_greedy", "held-out reward, greedy decoding"),
+                      ("rev_kl", "sequence-level KL(student || expert)"),
                       ("fwd_kl", "sequence-level KL(expert || student)"), ("coverage", "valid answers per prompt in 8 samples")):
         report.add(f"{a.task}: {what}, mean ± std over {a.seeds} seeds ({wall / 60:.1f} min wall, {a.jobs} jobs)",
                    table("student size", list(rows), [m[0] for m in GRID],
@@ -269,7 +270,7 @@ def ablation(a, train_args):
     wall = run_jobs(grid_jobs(runs, a.task, expert_size, [small], ABLATION), a.jobs)
     res = read_results(dirs, a.task, [small], ABLATION)
     report.add(f"{a.task}, student {small} (misspecified), mean ± std over {a.seeds} seeds ({wall / 60:.1f} min wall)",
-               table("method", [m[0] for m in ABLATION], ["reward", "rev_kl", "fwd_kl", "coverage"],
+               table("method", [m[0] for m in ABLATION], ["reward", "reward_greedy", "rev_kl", "fwd_kl", "coverage"],
                      lambda r, c: mean_std([x[c] for x in res[(r, small)]])))
     report.write(a.out_dir, "report-ablation.md")  # beside the grid's report.md when it shares its runs
 
@@ -304,10 +305,11 @@ def horizon(a, train_args):
     res = {h: read_results([runs[(h, s)][0] for s in range(a.seeds)], "pointer", sizes, GRID) for h in hs}
     for size in sizes:
         kind = "realizable" if size == expert_size else "misspecified"
-        report.add(f"pointer ({digits} digits), student {size} ({kind}): held-out reward, mean ± std over {a.seeds} "
-                   f"seed(s) ({wall / 60:.1f} min wall for the sweep)",
-                   table("H", [str(h) for h in hs], [m[0] for m in GRID],
-                         lambda r, c: mean_std([x["reward"] for x in res[int(r)][(c, size)]])))
+        for key, how in (("reward", "temperature 1"), ("reward_greedy", "greedy")):
+            report.add(f"pointer ({digits} digits), student {size} ({kind}): held-out reward ({how}), mean ± std over "
+                       f"{a.seeds} seed(s) ({wall / 60:.1f} min wall for the sweep)",
+                       table("H", [str(h) for h in hs], [m[0] for m in GRID],
+                             lambda r, c, key=key: mean_std([x[key] for x in res[int(r)][(c, size)]])))
     H = max(hs)
     lines = []
     for label, size in (("expert", expert_size), ("offline SFT", expert_size)):
