@@ -124,7 +124,7 @@ def mode_weight_r_is_uniform(H, eps, V=10, trials=200, seed=0):
 
 def main(out_dir=os.path.join("out", "toy")):
     res = toy()
-    report = Report("the exact H=1 toy")
+    report = Report("the exact toys: the H=1 projections, and the mode-weight law")
     rows = [r for r in res if r != "expert"]
     report.add("exact H=1 toy: expert = two correct answers at the ends of a 1-D order, student q_s(k) ∝ exp(s e_k)",
                table("projection", rows, ["s", "reward", "fwd_kl", "rev_kl"], lambda r, c: f"{res[r][c]:.3f}"))
