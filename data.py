@@ -28,8 +28,9 @@ pointer (the horizon task): the prompt is n >= 10 random digits and '='; the ans
     row (read d_i, then read the place it names), which one attention layer cannot compose, so
     the student can never write a "-" answer and is misspecified at every H, H=1 included.
     --no-copy: "+" follows the pointers (d[d_0] ...) and "-" follows them from the far end
-    (d[n-1-d_0] ...): no answer is in the student's reach, so the misspecification is *not*
-    reward-relative (the paper's case where online IL cannot win either).
+    (d[n-1-d_0] ...): neither is in the student's reach (only where one happens to equal a copy,
+    d_0 = 0 or n-1), so the misspecification is not reward-relative: the paper's case where
+    online IL cannot win either.
     --no-sign with H=1: the answer is one digit, d_0 or d[d_0], with nothing before it: the
     single-token case of the paper's H=1 bottleneck.
 countdown (the paper's task, countdown.py): given n numbers and a target, reach the target with
@@ -206,6 +207,13 @@ class PointerTask(_Digits):
 
 
 TASKS = ("mirror", "pointer", "countdown")
+# fields a task gained after checkpoints were saved, at the default that does what the code did before
+ADDED_TASK_FIELDS = dict(pointer=dict(copy=True))
+
+
+def saved_task(fields):
+    """A checkpoint's task fields, with those added since it was saved at their old meaning."""
+    return {**ADDED_TASK_FIELDS.get(fields.get("name"), {}), **fields}
 
 
 def task_tokenizer(task):

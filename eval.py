@@ -29,7 +29,7 @@ import torch
 
 from countdown import countdown_mistakes
 from data import (PROMPT_STREAMS, PromptStream, decode_responses, encode_prompts, encode_responses, eval_prompts,
-                  make_task, seed_for, task_tokenizer)
+                  make_task, saved_task, seed_for, task_tokenizer)
 from errors import OneLineParser, UsageError
 from model import fingerprint, load_checkpoint, response_logprobs
 
@@ -236,7 +236,7 @@ def main(argv=None):
                          f"was trained against ({ck.get('expert') or 'none recorded'}); name that one with --expert")
     task = make_task(ck["task"]["name"], **{k: v for k, v in ck["task"].items() if k != "name"})
     tok = task_tokenizer(task)
-    if tok.identity != ck["tokenizer"] or asdict(task) != ck["task"]:  # e.g. countdown before number tokens
+    if tok.identity != ck["tokenizer"] or asdict(task) != saved_task(ck["task"]):  # e.g. countdown before number tokens
         raise UsageError(f"{a.checkpoint} was made by an older version of the task or tokenizer "
                          f"({ck['tokenizer'][:8]}..., {ck['task']}); train it again")
     prompts = eval_prompts(task, ck["config"]["eval_prompts"], seed=seed_for(ck["seed"], "held-out"))

@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from data import encode_prompts, eval_prompts, make_task, seed_for, task_tokenizer
+from data import encode_prompts, eval_prompts, make_task, saved_task, seed_for, task_tokenizer
 from errors import OneLineParser, UsageError
 from eval import Report, mean_std, sparkline, table
 from experiments import BASE, EXPERT, SFT, grid_jobs, horizon_recipe, online, read_results, run_jobs
@@ -45,8 +45,8 @@ def first_token_plus(model, tok, prompts):
 @torch.no_grad()
 def minus_price(expert, tok, task, prompts):
     """c: per pointer digit after "-", the reverse KL the student pays for a guess that cannot
-    follow the pointer, at the expert's own prefixes: a uniform guess over the 10 digits, or one
-    at the prompt's digit frequencies; the smaller of the two, and both."""
+    follow the pointer, at the correct "-" prefixes (teacher forcing): a uniform guess over the 10
+    digits, or one at the prompt's digit frequencies; the smaller of the two, and both."""
     answers = [task.answers(p)[1] for p in prompts]  # "-" and the pointer digits
     rows = [[tok.bos] + tok.encode(p) + tok.encode(a) for p, a in zip(prompts, answers)]
     tokens = torch.tensor(rows)
@@ -91,9 +91,9 @@ def main(argv=None):
     rows, measured = [], {}
     for (x, h, s), (d, _) in runs.items():
         res = read_results([d], "pointer", ["small"], METHODS)
-        task = make_task("pointer", digits=10, answer_len=h)
-        tok = task_tokenizer(task)
         expert, ck = load_checkpoint(os.path.join(d, "pointer", "expert.pt"))
+        task = make_task("pointer", **{k: v for k, v in saved_task(ck["task"]).items() if k != "name"})
+        tok = task_tokenizer(task)
         prompts = eval_prompts(task, ck["config"]["eval_prompts"], seed=seed_for(s, "held-out"))
         c, c_uniform, c_guess = minus_price(expert, tok, task, prompts)
         m = dict(c=c, c_uniform=c_uniform, c_guess=c_guess, q_expert=first_token_plus(expert, tok, prompts),

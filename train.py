@@ -21,7 +21,7 @@ import math
 import os
 import sys
 import traceback
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,7 @@ import torch.distributed as dist
 import distill
 import eval as evaluation
 import sft
-from data import PROMPT_STREAMS, PromptStream, sample_answer, seed_for
+from data import PROMPT_STREAMS, PromptStream, sample_answer, saved_task, seed_for
 from errors import OneLineParser, UsageError
 from model import fingerprint, load_checkpoint, make_model, size_spec
 from runtime import Run, identity, rank0_print, setup, write_atomic
@@ -178,7 +178,10 @@ def load_finished(path, env, size, expert_id, made_by=None):
     if not os.path.exists(path):
         return None
     expect = identity(env, make_model(size, env["block_size"], env["tok"].vocab_size, seed=0).cfg, expert_id)
-    model, ck = load_checkpoint(path, expect=expect, device=env["device"])
+    model, ck = load_checkpoint(path, device=env["device"])
+    for k, v in expect.items():  # a task field added since the checkpoint was saved keeps its old meaning
+        if (saved_task(ck.get(k) or {}) if k == "task" else ck.get(k)) != v:
+            raise UsageError(f"{path}: made for {k}={ck.get(k)!r}, but this run needs {k}={v!r}")
     if ck.get("step") != ck.get("total"):
         return None
     for k, (flag, v) in (made_by or {}).items():
@@ -231,15 +234,21 @@ def train_expert(cfg, env):
         expert = new_model(cfg, env, cfg.expert_size, "expert" if attempt == 0 else f"expert-restart{attempt}")
         rank0_print(env, f"training the expert ({cfg.expert_size}, {expert.n_params():,} parameters) on ground truth"
                          + (f" (restart {attempt} of {cfg.expert_restarts})" if attempt else ""))
-        fit(cfg, env, "expert", expert, cfg.expert_steps, cfg.expert_lr or size_spec(cfg.expert_size)["lr"], sft.train,
-            data, cfg)
+        run_cfg = cfg if attempt == 0 else replace(cfg, resume=False)  # a restart starts afresh, --resume or not
+        fit(run_cfg, env, "expert", expert, cfg.expert_steps, cfg.expert_lr or size_spec(cfg.expert_size)["lr"],
+            sft.train, data, run_cfg)
         if not cfg.expert_min_reward or attempt == cfg.expert_restarts:
             return expert
         reward = evaluation.quick_eval(expert, env["tok"], env["task"], env["held_out"], seed=cfg.seed)["reward"]
         if reward >= cfg.expert_min_reward:
             return expert
+        kept = os.path.join(env["dir"], f"expert-attempt{attempt}")
+        if env["rank"] == 0:  # kept for a look, out of the way of the next attempt
+            for ext in (".pt", ".metrics.jsonl"):
+                if os.path.exists(os.path.join(env["dir"], "expert" + ext)):
+                    os.replace(os.path.join(env["dir"], "expert" + ext), kept + ext)
         rank0_print(env, f"the expert reached a held-out reward of {reward:.3f} < --expert-min-reward "
-                         f"{cfg.expert_min_reward:g}: training it again from another init")
+                         f"{cfg.expert_min_reward:g} ({kept}.pt): training it again from another init")
     return expert
 
 

@@ -249,8 +249,8 @@ def test_mode_weight_law_closed_form_matches_enumeration(p, H, eps):
 
 
 def test_mode_weight_price_is_least_at_a_uniform_guess():
-    best, uniform = toy.mode_weight_r_is_uniform(H=1, eps=0.01)
-    assert best >= uniform - 1e-12
+    best, uniform, closed = toy.mode_weight_r_is_uniform(eps=0.01)
+    assert abs(uniform - closed) < 1e-12 and best >= uniform - 1e-12
     # and c grows with the expert's confidence: about (V-1)/V ln((V-1)/eps) - ln V, far above ln V
     assert toy.mode_weight_law(0.5, 1, 1e-4)["c"] > 2 * toy.mode_weight_law(0.5, 1, 0.01)["c"] - 1
 

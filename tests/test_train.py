@@ -484,3 +484,20 @@ def test_an_expert_on_a_plateau_is_trained_again_from_another_init(tmp_path, mon
         assert all(not torch.equal(a[1], b[1]) for a, b in zip(trained, trained[1:]))  # another init each time
     first = train_py.new_model(cfg, env, cfg.expert_size, "expert").wte.weight  # the first attempt is the old expert
     assert torch.equal(trained[0][1], first)
+
+
+def test_a_pointer_checkpoint_from_before_no_copy_is_still_reused(tmp_path):
+    """PointerTask gained `copy`; a checkpoint saved without it is the copy task, as it was."""
+    import train as train_py
+    from model import save_checkpoint
+    cfg = train_py.parse_args(["--task", "pointer", *TINY[2:], "--out-dir", str(tmp_path), "--expert-steps", "0"])
+    env = train_py.setup(cfg)
+    expert = train_py.new_model(cfg, env, cfg.expert_size, "expert")
+    ident = train_py.identity(env, expert.cfg, None)
+    old_task = {k: v for k, v in ident["task"].items() if k != "copy"}
+    path = tmp_path / "old-expert.pt"
+    save_checkpoint(str(path), expert, **{**ident, "task": old_task}, step=0, total=0)
+    assert train_py.load_finished(str(path), env, cfg.expert_size, None) is not None
+    cfg2 = train_py.parse_args(["--task", "pointer", "--no-copy", *TINY[2:], "--out-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="made for task="):  # but never for the --no-copy task
+        train_py.load_finished(str(path), train_py.setup(cfg2), cfg.expert_size, None)
