@@ -230,26 +230,34 @@ def train_expert(cfg, env):
         g = torch.Generator().manual_seed(seed_for(cfg.seed, "expert/answers"))
         answers = [sample_answer(env["task"], p, g, plus=cfg.mode_weight) for p in texts]
         data = sft.ground_truth_dataset(env["tok"], env["task"], texts, answers, env["device"])
+    bar = cfg.expert_min_reward  # 0: the gate is off, and so are the restarts
+    return fit_until(cfg, env, "expert", cfg.expert_size, "expert", cfg.expert_steps,
+                     cfg.expert_lr or size_spec(cfg.expert_size)["lr"], data, bar, None)
+
+
+def fit_until(cfg, env, name, size, role, steps, lr, data, bar, expert_id):
+    """SFT on `data` (fit) from the init of `role`; while the model's held-out reward at temperature
+    1 is below `bar`, again from another init, up to --expert-restarts times. The failed attempts
+    are kept beside it (<name>-attempt<k>.pt). The first attempt is the model as it always was."""
     for attempt in range(cfg.expert_restarts + 1):
-        expert = new_model(cfg, env, cfg.expert_size, "expert" if attempt == 0 else f"expert-restart{attempt}")
-        rank0_print(env, f"training the expert ({cfg.expert_size}, {expert.n_params():,} parameters) on ground truth"
+        model = new_model(cfg, env, size, role if attempt == 0 else f"{role}-restart{attempt}")
+        rank0_print(env, f"training {name} ({size}, {model.n_params():,} parameters)"
                          + (f" (restart {attempt} of {cfg.expert_restarts})" if attempt else ""))
         run_cfg = cfg if attempt == 0 else replace(cfg, resume=False)  # a restart starts afresh, --resume or not
-        fit(run_cfg, env, "expert", expert, cfg.expert_steps, cfg.expert_lr or size_spec(cfg.expert_size)["lr"],
-            sft.train, data, run_cfg)
-        if not cfg.expert_min_reward or attempt == cfg.expert_restarts:
-            return expert
-        reward = evaluation.quick_eval(expert, env["tok"], env["task"], env["held_out"], seed=cfg.seed)["reward"]
-        if reward >= cfg.expert_min_reward:
-            return expert
-        kept = os.path.join(env["dir"], f"expert-attempt{attempt}")
+        fit(run_cfg, env, name, model, steps, lr, sft.train, data, run_cfg, expert_id=expert_id)
+        if not bar or attempt == cfg.expert_restarts:
+            return model
+        reward = evaluation.quick_eval(model, env["tok"], env["task"], env["held_out"], seed=cfg.seed)["reward"]
+        if reward >= bar:
+            return model
+        kept = os.path.join(env["dir"], f"{name}-attempt{attempt}")
         if env["rank"] == 0:  # kept for a look, out of the way of the next attempt
             for ext in (".pt", ".metrics.jsonl"):
-                if os.path.exists(os.path.join(env["dir"], "expert" + ext)):
-                    os.replace(os.path.join(env["dir"], "expert" + ext), kept + ext)
-        rank0_print(env, f"the expert reached a held-out reward of {reward:.3f} < --expert-min-reward "
-                         f"{cfg.expert_min_reward:g} ({kept}.pt): training it again from another init")
-    return expert
+                if os.path.exists(os.path.join(env["dir"], name + ext)):
+                    os.replace(os.path.join(env["dir"], name + ext), kept + ext)
+        rank0_print(env, f"{name} reached a held-out reward of {reward:.3f} < {bar:.3f} ({kept}.pt): training it again "
+                         f"from another init")
+    return model
 
 
 def gate_expert(cfg, env, expert):
@@ -289,16 +297,19 @@ def expert_samples(cfg, env, expert, expert_id, n, seed):
     return data
 
 
-def get_student_base(cfg, env, expert, expert_id):
-    """The student both methods start from: a short SFT warm start on expert samples."""
+def get_student_base(cfg, env, expert, expert_id, expert_reward):
+    """The student both methods start from: a short SFT warm start on expert samples. A base of
+    the expert's own class (realizable) that ends more than 0.05 below the expert is trained
+    again from another init, as the expert is (only with the gate on)."""
     name = f"base-{cfg.student_size}"
     base = load_finished(os.path.join(env["dir"], f"{name}.pt"), env, cfg.student_size, expert_id,
                          dict(seed=("--seed", cfg.seed), total=("--base-steps", cfg.base_steps)))
     if base is None:
-        base = new_model(cfg, env, cfg.student_size, "student")
         data = expert_samples(cfg, env, expert, expert_id, cfg.base_steps * cfg.batch_size,
                               seed_for(cfg.seed, PROMPT_STREAMS["base"]))
-        fit(cfg, env, name, base, cfg.base_steps, student_lr(cfg), sft.train, data, cfg, expert_id=expert_id)
+        realizable = cfg.student_size == cfg.expert_size and cfg.expert_min_reward
+        base = fit_until(cfg, env, name, cfg.student_size, "student", cfg.base_steps, student_lr(cfg), data,
+                         expert_reward - 0.05 if realizable else 0, expert_id)
     return base
 
 
@@ -324,7 +335,7 @@ def main(argv=None):
     if cfg.mode == "expert":
         model, name = expert, "expert"
     else:
-        student = get_student_base(cfg, env, expert, expert_id)
+        student = get_student_base(cfg, env, expert, expert_id, expert_reward)
         name = run_name(cfg) if cfg.mode != "base" else f"base-{cfg.student_size}"
         rank0_print(env, f"student ({cfg.student_size}): {student.n_params():,} parameters; expert "
                        f"({cfg.expert_size}): {expert.n_params():,}")

@@ -484,6 +484,13 @@ def test_an_expert_on_a_plateau_is_trained_again_from_another_init(tmp_path, mon
         assert all(not torch.equal(a[1], b[1]) for a, b in zip(trained, trained[1:]))  # another init each time
     first = train_py.new_model(cfg, env, cfg.expert_size, "expert").wte.weight  # the first attempt is the old expert
     assert torch.equal(trained[0][1], first)
+    # the realizable base: the same loop, with the expert's reward less 0.05 as its bar
+    trained.clear()
+    it = iter([0.7, 0.99])
+    data = dict(response=torch.zeros(1))
+    train_py.fit_until(cfg, env, "base-small", "small", "student", 2, 1e-3, data, 0.95, "fingerprint")
+    assert [t[0] for t in trained] == ["base-small", "base-small"]
+    assert torch.equal(trained[0][1], train_py.new_model(cfg, env, "small", "student").wte.weight)
 
 
 def test_a_pointer_checkpoint_from_before_no_copy_is_still_reused(tmp_path):
