@@ -101,8 +101,8 @@ def check_done(done_file, argv):
     want = asdict(parse_args(["--threads", "1", *argv]))
     if made and want["task"] != "countdown":  # a countdown-only flag added since the run was made changes nothing else
         made = {**{f.name: want[f.name] for f in fields(Config) if f.metadata["help"].startswith("countdown:")}, **made}
-    if made:  # flags added since, whose defaults do what the code did before them
-        made = {**{k: getattr(Config, k) for k in ADDED_SINCE}, **made}
+    if made:  # flags added since, whose defaults do what the code did before them; and where it lives
+        made = {**{k: getattr(Config, k) for k in ADDED_SINCE}, **made, "out_dir": want["out_dir"]}
     if made != want:
         what = (", ".join(f"--{k.replace('_', '-')} {made.get(k, '(not recorded)')} (this run: {want[k]})"
                           for k in want if made.get(k) != want[k])

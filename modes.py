@@ -14,6 +14,9 @@ distribution, and its reward at temperature 1 and greedy.
 
     python modes.py --seeds 3                        # p = 0.5, 0.2, 0.1, 0.05 at H = 1; out/modes/report.md
     python modes.py --seeds 3 --horizons 1,4         # and H = 4 (the horizon sweep's recipe there)
+    python modes.py --claims --seeds 3               # the paper's three rows: realizable; misspecified,
+                                                     # reward-relative (mirror); not reward-relative
+                                                     # (pointer --no-copy); out/claims/report.md
 
 What it simplifies: only the misspecified (small) student is trained; c is estimated from two
 guesses the student could make, not from the best the 1-layer class can do.
@@ -27,7 +30,7 @@ import torch
 from data import encode_prompts, eval_prompts, make_task, saved_task, seed_for, task_tokenizer
 from errors import OneLineParser, UsageError
 from eval import Report, mean_std, sparkline, table
-from experiments import BASE, EXPERT, SFT, grid_jobs, horizon_recipe, online, read_results, run_jobs
+from experiments import BASE, EXPERT, GRID, SFT, grid_jobs, horizon_recipe, online, read_results, run_jobs
 from model import load_checkpoint
 
 METHODS = [EXPERT, BASE, SFT, online("online (γ=1)"), online("online (γ=0)", "--gamma", "0")]
@@ -61,13 +64,45 @@ def minus_price(expert, tok, task, prompts):
     return min(uniform, guess), uniform, guess
 
 
+# (row label, task flags, student size, the claim, its check on one seed's results)
+CLAIM_ROWS = [
+    ("realizable (mirror, medium)", ["--task", "mirror"], "medium", "offline SFT within 0.05 of its expert",
+     lambda r: r["offline SFT"] >= r["expert"] - 0.05),
+    ("misspecified, reward-relative (mirror, small)", ["--task", "mirror"], "small", "online (γ=1) >= offline SFT + 0.3",
+     lambda r: r["online (γ=1)"] >= r["offline SFT"] + 0.3),
+    ("misspecified, not reward-relative (pointer --no-copy, small)", ["--task", "pointer", "--no-copy"], "small",
+     "online (γ=1) < 0.5: no method reaches high reward", lambda r: r["online (γ=1)"] < 0.5),
+]
+
+
+def claims(a):
+    """The paper's characterization in three rows, each a count over seeds: one grid per task."""
+    tasks = {" ".join(flags): flags for _, flags, _, _, _ in CLAIM_ROWS}
+    runs = {(t, s): (os.path.join(a.out_dir, t.replace("--", "").replace(" ", "-").replace("task-", ""), f"seed{s}"),
+                     ["--seed", str(s), *flags, *a.train_args.split()]) for t, flags in tasks.items() for s in range(a.seeds)}
+    report = Report(f"the paper's characterization: three rows, {a.seeds} seed(s)")
+    wall = run_jobs([j for t, flags in tasks.items() for j in grid_jobs(
+        [runs[(t, s)] for s in range(a.seeds)], flags[1], "medium", ["medium", "small"], GRID)], a.jobs)
+    lines = [f"{'student, and what it can represent':<62}| {'offline SFT':^15} | {'online (γ=1)':^15} | claim, over seeds"]
+    for label, flags, size, claim, check in CLAIM_ROWS:
+        t = " ".join(flags)
+        res = read_results([runs[(t, s)][0] for s in range(a.seeds)], flags[1], [size], GRID)
+        per_seed = [{m[0]: res[(m[0], size)][s]["reward"] for m in GRID} for s in range(a.seeds)]
+        ok = sum(check(r) for r in per_seed)
+        lines.append(f"{label:<62}| {mean_std([r['offline SFT'] for r in per_seed]):^15} | "
+                     f"{mean_std([r['online (γ=1)'] for r in per_seed]):^15} | {claim}: {ok}/{a.seeds}")
+    report.add(f"held-out reward at temperature 1, mean ± std over {a.seeds} seed(s) ({wall / 60:.1f} min wall)", lines)
+    report.write(a.out_dir)
+
+
 def main(argv=None):
     p = OneLineParser(description="The mode-weight law measured in the GPT (pointer task, misspecified student).")
+    p.add_argument("--claims", action="store_true", help="the paper's three rows instead (out/claims by default)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--jobs", type=int, default=2, help="training runs in parallel")
     p.add_argument("--weights", default="0.5,0.2,0.1,0.05", help="the values of p, the weight of the + mode")
     p.add_argument("--horizons", default="1", help="the values of H")
-    p.add_argument("--out-dir", default=os.path.join("out", "modes"), help="where runs go")
+    p.add_argument("--out-dir", default="", help="where runs go (default out/modes, or out/claims)")
     p.add_argument("--train-args", default="", help="extra flags for every train.py run, quoted")
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--train-args" in argv[:-1]:  # its value starts with "--": glue it on
@@ -80,6 +115,9 @@ def main(argv=None):
         p.error("--weights and --horizons are comma-separated numbers, e.g. 0.5,0.2 and 1,4")
     if a.seeds < 1 or a.jobs < 1 or not all(0 < x < 1 for x in ps) or not all(h >= 1 for h in hs):
         p.error("--seeds, --jobs, and every H must be >= 1; every p in (0, 1)")
+    a.out_dir = a.out_dir or os.path.join("out", "claims" if a.claims else "modes")
+    if a.claims:
+        return claims(a)
     # H = 1 keeps the pipeline's defaults (the pointer expert converges there); longer H the sweep's recipe
     recipe = {h: [] if h == 1 else horizon_recipe(h) for h in hs}
     runs = {(x, h, s): (os.path.join(a.out_dir, f"p{x:g}", f"H{h}", f"seed{s}"),
