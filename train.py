@@ -32,7 +32,7 @@ import sft
 from data import PROMPT_STREAMS, PromptStream, sample_answer, saved_task, seed_for
 from errors import OneLineParser, UsageError
 from model import fingerprint, load_checkpoint, make_model, size_spec
-from runtime import Run, identity, rank0_print, setup, write_atomic
+from runtime import Run, exit_distributed, identity, rank0_print, setup, write_atomic
 
 
 def opt(default, help, group):
@@ -375,18 +375,6 @@ def main(argv=None):
         dist.barrier()
         dist.destroy_process_group()
     return model
-
-
-def exit_distributed(code=0):
-    """End a torchrun rank without Python's interpreter teardown. gloo's worker thread drops its
-    last reference to a finished collective (and the tensors in it) a moment after the collective
-    returns; if that falls inside Py_FinalizeEx, freeing those tensors takes the GIL of a finalizing
-    interpreter and the thread's forced unwind calls std::terminate ("terminate called without an
-    active exception", SIGABRT: seen in gdb on a core of a failed run, 3 of 20 runs under load).
-    Everything this run writes is closed by then, so flush and leave at once."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":
