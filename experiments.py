@@ -331,6 +331,15 @@ def horizon(a, train_args):
     report.write(a.out_dir)
 
 
+def glue_train_args(argv):
+    """--train-args' value starts with "--": glue it on, or argparse takes it for a flag."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--train-args" in argv[:-1]:
+        i = argv.index("--train-args")
+        argv[i:i + 2] = [f"--train-args={argv[i + 1]}"]
+    return argv
+
+
 def main(argv=None):
     p = OneLineParser(description="Run an experiment end to end: train what it needs, print its tables, write report.md.")
     for name, text in (("grid", "the realizability table: expert, SFT, online students"),
@@ -346,11 +355,7 @@ def main(argv=None):
     p.add_argument("--horizons", default="1,16", help="horizon: the values of H (each one adds a full grid per seed)")
     p.add_argument("--out-dir", default="", help="where runs go (default out/<experiment>)")
     p.add_argument("--train-args", default="", help="extra flags for every train.py run, quoted")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--train-args" in argv[:-1]:  # its value starts with "--": glue it on, or argparse takes it for a flag
-        i = argv.index("--train-args")
-        argv[i:i + 2] = [f"--train-args={argv[i + 1]}"]
-    a = p.parse_args(argv)
+    a = p.parse_args(glue_train_args(argv))
     chosen = [k for k in ("grid", "ablation", "horizon") if getattr(a, k)]
     if len(chosen) != 1:
         p.error("choose one of --grid, --ablation, --horizon")

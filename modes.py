@@ -30,7 +30,8 @@ import torch
 from data import encode_prompts, eval_prompts, make_task, saved_task, seed_for, task_tokenizer
 from errors import OneLineParser, UsageError
 from eval import Report, mean_std, sparkline, table
-from experiments import BASE, EXPERT, GRID, SFT, grid_jobs, horizon_recipe, online, read_results, run_jobs
+from experiments import (BASE, EXPERT, GRID, SFT, glue_train_args, grid_jobs, horizon_recipe, online, read_results,
+                         run_jobs)
 from model import load_checkpoint
 
 METHODS = [EXPERT, BASE, SFT, online("online (γ=1)"), online("online (γ=0)", "--gamma", "0")]
@@ -104,11 +105,7 @@ def main(argv=None):
     p.add_argument("--horizons", default="1", help="the values of H")
     p.add_argument("--out-dir", default="", help="where runs go (default out/modes, or out/claims)")
     p.add_argument("--train-args", default="", help="extra flags for every train.py run, quoted")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--train-args" in argv[:-1]:  # its value starts with "--": glue it on
-        i = argv.index("--train-args")
-        argv[i:i + 2] = [f"--train-args={argv[i + 1]}"]
-    a = p.parse_args(argv)
+    a = p.parse_args(glue_train_args(argv))
     try:
         ps, hs = [float(x) for x in a.weights.split(",")], [int(x) for x in a.horizons.split(",")]
     except ValueError:

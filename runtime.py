@@ -226,8 +226,8 @@ class Run:
 
     def optimize(self, loss):
         """Backward, clip and step, unless the loss or the gradient is not finite on any rank:
-        then every rank stops before the step, and the last checkpoint written stays. A step
-        that makes the weights non-finite stops too, before anything samples from them."""
+        then every rank stops before the step, and the last checkpoint written stays. Weights that
+        a step made to overflow are caught by the next loss, or by sampling (model.generate)."""
         loss.backward()  # on every rank, finite or not: DDP's gradient all-reduce needs them all
         norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
         if self.global_sum(torch.tensor(int(not (torch.isfinite(loss) and torch.isfinite(norm))))) > 0:
@@ -238,9 +238,6 @@ class Run:
             self.pending = None
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        if not all(torch.isfinite(p).all() for p in self.raw.parameters()):  # the ranks' weights are equal
-            raise UsageError(f"non-finite weights after step {self.step + 1} of {self.name} (learning rate "
-                             f"{self.lr:g}); {self.kept()}")
         return norm.item()
 
     def global_sum(self, x):
