@@ -26,7 +26,7 @@ except ImportError:
     plt = None
 
 from errors import OneLineParser, UsageError
-from eval import Report, mean_std, reward_curve, table
+from eval import Report, mean_std, reward_curve, sparkline, table
 from train import Config, parse_args
 
 # A method is (column label, train.py flags, the run name train.py gives it for a student size).
@@ -90,7 +90,7 @@ def run_jobs(jobs, parallel):
     return time.time() - t0
 
 
-ADDED_SINCE = ("mode_weight", "expert_restarts", "copy")  # restarts only run with the gate on, which experiments turn off
+ADDED_SINCE = ("mode_weight", "expert_restarts", "copy", "stop_at")  # restarts only run with the gate on, which experiments turn off
 
 
 def check_done(done_file, argv):
@@ -276,22 +276,47 @@ def ablation(a, train_args):
 
 
 # The sweep's recipe. At medium's own lr (1e-3) and 1500 steps, the signed pointer expert
-# stopped at 0.54, 0.71, 0.50 for H = 4, 8, 16 (seed 0; greedy 1.00); at 3e-3 and 3000 steps it
-# reached 0.86-1.00 at H = 8 and 0.88-0.94 at H = 16 over the seeds tried. At H = 1, 3e-3
-# stalled one expert in three and 1e-3 none, and the small student needs its own 1e-2 there
-# (README, "Beyond horizon"). So H <= 2 keeps every size's own lr; above, every run (expert,
-# base, SFT, online, both sizes) takes 3e-3. The warm-start base takes the expert's step
-# budget, so that a realizable student is trained as long as its expert was.
+# stopped at 0.54, 0.71, 0.50 for H = 4, 8, 16 (seed 0; greedy 1.00); at 3e-3 it leaves its
+# plateau (copying learned, pointers not) after 500 to 5000 steps, depending on the seed. At
+# H = 1, 3e-3 stalled one expert in three and 1e-3 none, and the small student needs its own
+# 1e-2 there (results/horizon). So H <= 2 keeps every size's own lr; above, every run (expert,
+# base, SFT, online, both sizes) takes 3e-3. The expert and the bases stop at their first
+# held-out check with every answer right (--stop-at 1; a base: at its expert's reward if
+# lower), within 6000 and 4000 steps; the gate is on, so an expert or a realizable base that
+# misses is trained again from another init (--expert-restarts), as the default command does.
 # --train-args come after the recipe and override it.
 def horizon_recipe(h):
     lr = [] if h <= 2 else ["--expert-lr", "3e-3", "--lr", "3e-3"]
-    return ["--expert-steps", "6000", "--base-steps", "6000", "--eval-every", "250", *lr]
+    return ["--expert-steps", "6000", "--base-steps", "4000", "--stop-at", "1", "--eval-every", "100",
+            "--expert-min-reward", "0.95", *lr]
+
+
+def steps_trained(run_dir, name):
+    """(steps its final attempt trained, attempts) of a run that --stop-at may have ended early."""
+    with open(os.path.join(run_dir, "pointer", f"{name}.metrics.jsonl")) as f:
+        last = [json.loads(line) for line in f][-1]["step"]
+    attempts = 1 + sum(f.startswith(f"{name}-attempt") and f.endswith(".pt") for f in os.listdir(os.path.join(run_dir, "pointer")))
+    return last, attempts
+
+
+def first_errors(results, label):
+    """Where sampled responses first go wrong (position 0 the sign, 1..H the digits, H+1 the
+    end), summed over seeds, and the rate per position among responses right up to there."""
+    counts = [sum(x) for x in zip(*(r["first_error"] for r in results))]
+    n = alive = sum(r["n_prompts"] for r in results)
+    hazard = []
+    for c in counts:
+        hazard.append(c / alive if alive else 0.0)
+        alive -= c
+    return [f"{label:<22} wrong {sum(counts)}/{n}; first wrong token at position 0..H+1 (sign, digits, end): "
+            + " ".join(map(str, counts)),
+            f"{'':<22} rate per position among responses right so far: " + " ".join(f"{x:.3f}" for x in hazard)]
 
 
 def horizon(a, train_args):
     """Reward vs horizon H on the pointer task (data.py): the prompt is fixed at max(H) digits
     (at least 10), the answer a sign and H digits; then, for the realizable student's offline
-    SFT at the longest H, where its errors start, against the expert's (error accumulation).
+    SFT at every H, where its errors start, against the expert's (error accumulation).
     Every run takes horizon_recipe(H), then --train-args (which can override it)."""
     expert_size, *small = a.sizes.split(",")
     sizes, hs = [expert_size, *small], [int(h) for h in a.horizons.split(",")]
@@ -301,33 +326,44 @@ def horizon(a, train_args):
                       *horizon_recipe(h), *train_args])
             for h in hs for s in range(a.seeds)}
     report = Report(f"pointer: reward vs horizon H, {a.seeds} seed(s)")
-    wall = run_jobs(grid_jobs(list(runs.values()), "pointer", expert_size, sizes, GRID), a.jobs)
+    # the longest horizon's runs first: they are the longest chains (expert, base, then a method)
+    order = sorted(runs, key=lambda k: (-k[0], k[1]))
+    wall = run_jobs(grid_jobs([runs[k] for k in order], "pointer", expert_size, sizes, GRID), a.jobs)
+    report.add("wall time, in one piece", [f"{wall / 60:.1f} min for the whole sweep ({len(runs) * (1 + 4 * len(sizes))} "
+                                           f"train.py runs, {a.jobs} at a time, one torch thread each)"])
     res = {h: read_results([runs[(h, s)][0] for s in range(a.seeds)], "pointer", sizes, GRID) for h in hs}
     for size in sizes:
         kind = "realizable" if size == expert_size else "misspecified"
         for key, how in (("reward", "temperature 1"), ("reward_greedy", "greedy")):
             report.add(f"pointer ({digits} digits), student {size} ({kind}): held-out reward ({how}), mean ± std over "
-                       f"{a.seeds} seed(s) ({wall / 60:.1f} min wall for the sweep)",
+                       f"{a.seeds} seed(s)",
                        table("H", [str(h) for h in hs], [m[0] for m in GRID],
                              lambda r, c, key=key: mean_std([x[key] for x in res[int(r)][(c, size)]])))
-    H = max(hs)
-    lines = []
-    for label, size in (("expert", expert_size), ("offline SFT", expert_size)):
-        counts = [sum(x) for x in zip(*(r["first_error"] for r in res[H][(label, size)]))]
-        n = sum(r["n_prompts"] for r in res[H][(label, size)])
-        alive, hazard = n, []
-        for c in counts:  # the rate of first errors among responses still right up to here
-            hazard.append(c / alive if alive else 0.0)
-            alive -= c
-        lines.append(f"{label + ' (' + size + ')':<22} wrong {sum(counts)}/{n}; first wrong token at position "
-                     "0..H+1 (sign, digits, end): " + " ".join(map(str, counts)))
-        lines.append(f"{'':<22} rate per position among responses right so far: " +
-                     " ".join(f"{x:.3f}" for x in hazard))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    plot = [f"{'student':<24}{'method':<15}" + " ".join(f"{'H=' + str(h):>5}" for h in hs)]
+    for size in sizes:
+        for label in [m[0] for m in GRID] if size == expert_size else [m[0] for m in GRID if m[0] != "expert"]:
+            ys = [mean([x["reward"] for x in res[h][(label, size)]]) for h in hs]
+            plot.append(f"{size + (' (realizable)' if size == expert_size else ' (misspec.)'):<24}{label:<15}"
+                        + " ".join(f"{y:5.2f}" for y in ys) + f"   |{sparkline(ys)}|")
+    report.add("reward (temperature 1, mean over seeds) against H, and as a text plot: one block per H, "
+               "0 blank to 1 full", plot)
     for h in hs:
         report.add(f"claims at H={h}, each a count over the {a.seeds} seed(s)", claim_counts(res[h], expert_size, small))
+    conv = []
+    for h in hs:
+        for name in ("expert", f"base-{expert_size}", *(f"base-{s}" for s in small)):
+            got = [steps_trained(runs[(h, s)][0], name) for s in range(a.seeds)]
+            conv.append(f"H={h:<3} {name:<14} steps " + " ".join(f"{n:5d}" for n, _ in got) +
+                        "   attempts " + " ".join(str(k) for _, k in got))
+    report.add(f"how long the expert and the bases trained (--stop-at 1: their first held-out check with every "
+               f"answer right; seeds 0..{a.seeds - 1}; attempts > 1: trained again from another init)", conv)
+    for h in hs:
+        report.add(f"where the realizable models' errors start at H={h} (sampled at temperature 1, held-out prompts "
+                   f"of {a.seeds} seed(s))",
+                   first_errors(res[h][("expert", expert_size)], f"expert ({expert_size})") +
+                   first_errors(res[h][("offline SFT", expert_size)], f"offline SFT ({expert_size})"))
     report.add("recipe (every run; --train-args after it)", [f"H={h}: " + " ".join(horizon_recipe(h) + train_args) for h in hs])
-    report.add(f"where the errors start at H={H} (sampled at temperature 1, held-out prompts of {a.seeds} seed(s))",
-               lines)
     report.write(a.out_dir)
 
 
@@ -352,7 +388,7 @@ def main(argv=None):
     p.add_argument("--task", default="mirror", choices=("mirror", "pointer", "countdown"), help="task (grid, ablation)")
     p.add_argument("--sizes", default="", help="the expert's size, then the misspecified size(s) (default: medium,small; "
                    "countdown 4x64x4,small)")
-    p.add_argument("--horizons", default="1,16", help="horizon: the values of H (each one adds a full grid per seed)")
+    p.add_argument("--horizons", default="1,2,4,8,16", help="horizon: the values of H (each one adds a full grid per seed)")
     p.add_argument("--out-dir", default="", help="where runs go (default out/<experiment>)")
     p.add_argument("--train-args", default="", help="extra flags for every train.py run, quoted")
     a = p.parse_args(glue_train_args(argv))

@@ -128,11 +128,14 @@ class Run:
     and metrics.jsonl, checkpoints, --resume and Ctrl-C, and the ranks under torchrun.
     prompts: the PromptStream the loop draws from (its generator is checkpointed); expert_id: the
     fingerprint of the expert this model learns from (None for the expert itself); eval_reward:
-    eval_reward(model, prompts, seed) -> held-out reward, logged every --eval-every steps."""
+    eval_reward(model, prompts, seed) -> held-out reward, logged every --eval-every steps; stop_at:
+    end the run at the first of those checks at or above it (0: never), a run that converged."""
 
-    def __init__(self, cfg, env, name, model, total_steps, lr, prompts=None, expert_id=None, eval_reward=None):
+    def __init__(self, cfg, env, name, model, total_steps, lr, prompts=None, expert_id=None, eval_reward=None,
+                 stop_at=0.0):
         self.cfg, self.env, self.name, self.total, self.lr = cfg, env, name, total_steps, lr
-        self.prompts, self.expert_id, self.eval_reward = prompts, expert_id, eval_reward
+        self.prompts, self.expert_id, self.eval_reward, self.stop_at = prompts, expert_id, eval_reward, stop_at
+        self.converged = False  # stopped early at a held-out check >= stop_at: finished, like step == total
         self.device, self.rank, self.world = env["device"], env["rank"], env["world"]
         self.path = os.path.join(env["dir"], f"{name}.pt")
         self.metrics = os.path.join(env["dir"], f"{name}.metrics.jsonl")
@@ -178,6 +181,7 @@ class Run:
         if self.prompts is not None:
             self.prompts.g.set_state(ck["rng"]["prompts"][self.rank])
         self.start, self.totals, self.saved = ck["step"], ck["totals"], ck["step"]
+        self.converged = ck.get("converged", False)  # finished early: --resume trains it no further
         rank0_print(self.env, f"resumed {self.path} at step {self.start}")
         if ck["total"] != self.total:  # allowed (train on for longer), but the lr schedule is another one
             rank0_print(self.env, f"note: {self.path} was a run of {ck['total']} steps, continued as one of "
@@ -191,25 +195,35 @@ class Run:
         try:
             if self.total == 0:
                 self.save(self.snapshot(0))
+            if self.converged:  # --resume of a run that stopped at convergence: it is finished
+                return
             for step in range(self.start, self.total):
                 for group in self.opt.param_groups:
                     group["lr"] = self.lr * lr_factor(step, self.total)
                 self.step = step
                 yield step
-                overflow = 0
+                overflow = converged = 0
                 if self.rank == 0 and self.eval_reward and ((step + 1) % self.cfg.eval_every == 0 or step + 1 == self.total):
                     try:
-                        self.log_eval(step)
+                        reward = self.log_eval(step)
+                        converged = int(bool(self.stop_at) and reward >= self.stop_at)
                     except FloatingPointError:  # sampling from weights that diverged
                         overflow = 1
-                stop, overflow = self.global_sum(torch.tensor([int(self.stop_requested), overflow])) > 0
+                # rank 0 alone checks; every rank learns what it found, and they stop together
+                stop, overflow, converged = self.global_sum(torch.tensor([int(self.stop_requested), overflow, converged])) > 0
                 if overflow:  # every rank stops, not rank 0 alone (the others would wait for it for ever)
                     raise UsageError(f"non-finite logits in the held-out check after step {step + 1} of {self.name} "
                                      f"(the weights have diverged); {self.kept()}")
-                if stop or step + 1 == self.total:  # no later step will check these weights
+                if converged and step + 1 < self.total:
+                    self.converged = True
+                    rank0_print(self.env, f"{self.name} converged: its held-out check reached {self.stop_at:g} "
+                                          f"(--stop-at) at step {step + 1} of {self.total}; stopping here")
+                if stop or converged or step + 1 == self.total:  # no later step will check these weights
                     self.save(self.snapshot(step + 1))
                 elif (step + 1) % self.cfg.save_every == 0:
                     self.pending = self.snapshot(step + 1)
+                if self.converged:
+                    break
                 if stop:
                     rank0_print(self.env, f"interrupted: saved {self.path} at step {step + 1}; continue with --resume")
                     raise SystemExit(130)
@@ -279,6 +293,7 @@ class Run:
         self.raw.train()
         with open(self.rows, "a") as f:
             f.write(json.dumps(dict(step=step + 1, eval_reward=reward)) + "\n")
+        return reward
 
     def kept(self):
         return (f"the last good checkpoint is kept ({self.path}, step {self.saved})" if self.saved is not None
@@ -298,7 +313,7 @@ class Run:
         first, self.saved, self.wrote = not self.wrote, snap["step"], True
         if self.rank == 0:
             save_checkpoint(self.path, self.raw, optimizer=self.opt.state_dict(), step=snap["step"], total=self.total,
-                            totals=snap["totals"], config=asdict(self.cfg), seed=self.cfg.seed, rng=snap["rng"],
+                            converged=self.converged, totals=snap["totals"], config=asdict(self.cfg), seed=self.cfg.seed, rng=snap["rng"],
                             name=self.name, **identity(self.env, self.raw.cfg, self.expert_id))
             if self.rows != self.metrics:  # from now on this run owns metrics.jsonl: its rows go there
                 with open(self.rows) as f:

@@ -65,6 +65,8 @@ class Config:
     expert_lr: float = opt(0.0, "expert: peak learning rate (0: the size's own, model.SIZES)", PIPELINE)
     expert_min_reward: float = opt(0.95, "quality gate: stop if the expert's held-out reward is below this (0: off)", PIPELINE)
     expert_restarts: int = opt(2, "an expert below --expert-min-reward is trained again from another init, this often", PIPELINE)
+    stop_at: float = opt(0.0, "expert, base: stop at the first held-out check (--eval-every) at or above this reward "
+                              "(0: run every step; a base stops at its expert's reward if that is lower)", PIPELINE)
     base_steps: int = opt(600, "student base: warm-start SFT steps on expert samples", PIPELINE)
     steps: int = opt(600, "offline and online IL: optimizer steps (the same for both)", PIPELINE)
     batch_size: int = opt(128, "sequences per step, over all ranks (the same for both)", PIPELINE)
@@ -132,7 +134,7 @@ def check(cfg):
             ("log_every", 1), ("eval_every", 1), ("save_every", 1), ("threads", 0), ("lr", 0), ("expert_lr", 0),
             ("weight_decay", 0), ("expert_restarts", 0), ("digits", 0), ("answer_len", 0), ("block_size", 0)) if getattr(cfg, k) < lo]
     bad += [f"{flag(k)} must be in {lo}..{hi}" for k, lo, hi in
-            (("seed", 0, 2**31 - 1), ("threads", 0, 1024), ("expert_min_reward", 0, 1)) if not lo <= getattr(cfg, k) <= hi]
+            (("seed", 0, 2**31 - 1), ("threads", 0, 1024), ("expert_min_reward", 0, 1), ("stop_at", 0, 1)) if not lo <= getattr(cfg, k) <= hi]
     if not 0 < cfg.mode_weight < 1 or (cfg.mode_weight != 0.5 and (cfg.task == "countdown" or not cfg.sign)):
         bad.append("--mode-weight is a probability in (0, 1), for mirror or pointer with a sign")
     if not cfg.copy and cfg.task != "pointer":
@@ -182,7 +184,7 @@ def load_finished(path, env, size, expert_id, made_by=None):
     for k, v in expect.items():  # a task field added since the checkpoint was saved keeps its old meaning
         if (saved_task(ck.get(k) or {}) if k == "task" else ck.get(k)) != v:
             raise UsageError(f"{path}: made for {k}={ck.get(k)!r}, but this run needs {k}={v!r}")
-    if ck.get("step") != ck.get("total"):
+    if ck.get("step") != ck.get("total") and not ck.get("converged"):  # unfinished: to be trained on
         return None
     for k, (flag, v) in (made_by or {}).items():
         made = ck.get(k, ck.get("config", {}).get(k, getattr(Config, k, None)))  # its fields, else its flags
@@ -192,10 +194,11 @@ def load_finished(path, env, size, expert_id, made_by=None):
     return model
 
 
-def fit(cfg, env, name, model, steps, lr, loop, *args, prompts=None, expert_id=None):
+def fit(cfg, env, name, model, steps, lr, loop, *args, prompts=None, expert_id=None, stop_at=0.0):
     """Run one training loop in a Run (resume, logging, checkpoints) and return the model."""
     reward = lambda m, ps, seed: evaluation.quick_eval(m, env["tok"], env["task"], ps, seed)["reward"]  # noqa: E731
-    loop(Run(cfg, env, name, model, steps, lr, prompts=prompts, expert_id=expert_id, eval_reward=reward), *args)
+    loop(Run(cfg, env, name, model, steps, lr, prompts=prompts, expert_id=expert_id, eval_reward=reward,
+             stop_at=stop_at), *args)
     return model
 
 
@@ -211,7 +214,7 @@ def get_expert(cfg, env):
         path = os.path.join(env["dir"], "expert.pt")
         expert = None if cfg.mode == "expert" else load_finished(
             path, env, cfg.expert_size, None, dict(seed=("--seed", cfg.seed), total=("--expert-steps", cfg.expert_steps),
-                                                   mode_weight=("--mode-weight", cfg.mode_weight)))
+                                                   mode_weight=("--mode-weight", cfg.mode_weight), stop_at=("--stop-at", cfg.stop_at)))
     if expert is None:
         expert = train_expert(cfg, env)
     expert.eval().requires_grad_(False)  # frozen and replicated: no DDP wrapper
@@ -232,19 +235,20 @@ def train_expert(cfg, env):
         data = sft.ground_truth_dataset(env["tok"], env["task"], texts, answers, env["device"])
     bar = cfg.expert_min_reward  # 0: the gate is off, and so are the restarts
     return fit_until(cfg, env, "expert", cfg.expert_size, "expert", cfg.expert_steps,
-                     cfg.expert_lr or size_spec(cfg.expert_size)["lr"], data, bar, None)
+                     cfg.expert_lr or size_spec(cfg.expert_size)["lr"], data, bar, None, cfg.stop_at)
 
 
-def fit_until(cfg, env, name, size, role, steps, lr, data, bar, expert_id):
-    """SFT on `data` (fit) from the init of `role`; while the model's held-out reward at temperature
-    1 is below `bar`, again from another init, up to --expert-restarts times. The failed attempts
-    are kept beside it (<name>-attempt<k>.pt). The first attempt is the model as it always was."""
+def fit_until(cfg, env, name, size, role, steps, lr, data, bar, expert_id, stop_at):
+    """SFT on `data` (fit) from the init of `role`, stopping early at a held-out check >= stop_at
+    (0: never); while the model's held-out reward at temperature 1 is below `bar`, again from
+    another init, up to --expert-restarts times. The failed attempts are kept beside it
+    (<name>-attempt<k>.pt). The first attempt is the model as it always was."""
     for attempt in range(cfg.expert_restarts + 1):
         model = new_model(cfg, env, size, role if attempt == 0 else f"{role}-restart{attempt}")
         rank0_print(env, f"training {name} ({size}, {model.n_params():,} parameters)"
                          + (f" (restart {attempt} of {cfg.expert_restarts})" if attempt else ""))
         run_cfg = cfg if attempt == 0 else replace(cfg, resume=False)  # a restart starts afresh, --resume or not
-        fit(run_cfg, env, name, model, steps, lr, sft.train, data, run_cfg, expert_id=expert_id)
+        fit(run_cfg, env, name, model, steps, lr, sft.train, data, run_cfg, expert_id=expert_id, stop_at=stop_at)
         if not bar or attempt == cfg.expert_restarts:
             return model
         reward = evaluation.quick_eval(model, env["tok"], env["task"], env["held_out"], seed=cfg.seed)["reward"]
@@ -303,13 +307,13 @@ def get_student_base(cfg, env, expert, expert_id, expert_reward):
     again from another init, as the expert is (only with the gate on)."""
     name = f"base-{cfg.student_size}"
     base = load_finished(os.path.join(env["dir"], f"{name}.pt"), env, cfg.student_size, expert_id,
-                         dict(seed=("--seed", cfg.seed), total=("--base-steps", cfg.base_steps)))
+                         dict(seed=("--seed", cfg.seed), total=("--base-steps", cfg.base_steps), stop_at=("--stop-at", cfg.stop_at)))
     if base is None:
         data = expert_samples(cfg, env, expert, expert_id, cfg.base_steps * cfg.batch_size,
                               seed_for(cfg.seed, PROMPT_STREAMS["base"]))
         realizable = cfg.student_size == cfg.expert_size and cfg.expert_min_reward
         base = fit_until(cfg, env, name, cfg.student_size, "student", cfg.base_steps, student_lr(cfg), data,
-                         expert_reward - 0.05 if realizable else 0, expert_id)
+                         expert_reward - 0.05 if realizable else 0, expert_id, min(cfg.stop_at, expert_reward))
     return base
 
 

@@ -139,7 +139,7 @@ def test_mean_follow_averages_each_position_over_seeds():
 
 def test_horizon_sweep_runs_end_to_end_and_train_args_override_its_recipe(tmp_path):
     tiny = ("--expert-steps 4 --base-steps 2 --steps 2 --batch-size 8 --eval-prompts 16 --eval-every 1 "
-            "--log-every 1")
+            "--log-every 1 --expert-min-reward 0")  # the recipe's gate would refuse a 4-step expert
     out = subprocess.run([sys.executable, "experiments.py", "--horizon", "--horizons", "2", "--seeds", "1", "--sizes",
                           "small,tiny", "--out-dir", str(tmp_path), "--train-args", tiny],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -155,8 +155,14 @@ def test_horizon_sweep_runs_end_to_end_and_train_args_override_its_recipe(tmp_pa
         assert (cfg["task"], cfg["digits"], cfg["answer_len"], cfg["expert_steps"]) == ("pointer", 10, 2, 4)
     report = (tmp_path / "report.md").read_text()
     assert "pointer (16 digits" not in report and "pointer (10 digits), student small (realizable)" in report
-    assert "where the errors start at H=2" in report and "rate per position" in report
+    assert "where the realizable models' errors start at H=2" in report and "rate per position" in report
     assert "claims at H=2" in report and "expert reaches >= 0.95" in report
+    assert "min for the whole sweep (9 train.py runs" in report
+    plot = report[report.index("as a text plot"):].splitlines()
+    assert plot[3].split()[:2] == ["student", "method"] and plot[3].split()[-1] == "H=2"
+    assert plot[4].startswith("small (realizable)") and plot[4].split()[2] == "expert"
+    steps = next(line for line in report.splitlines() if line.startswith("H=2   expert"))
+    assert steps.split()[3:] == ["4", "attempts", "1"]  # 4 steps (the 64-prompt check never reached 1), one attempt
 
 
 def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):

@@ -13,7 +13,7 @@ from data import PromptStream
 from errors import UsageError
 from model import make_model
 from runtime import Run, setup
-from train import parse_args
+from train import load_finished, parse_args
 
 FLAGS = ["--digits", "2", "--expert-size", "tiny", "--student-size", "tiny", "--batch-size", "4", "--eval-prompts", "8",
          "--device", "cpu"]
@@ -210,3 +210,18 @@ def test_a_held_out_check_that_overflows_stops_the_run_in_one_line(tmp_path):
         for _ in run.steps():
             pass
     assert not os.path.exists(run.path)  # nothing written from weights that diverged
+
+
+def test_a_run_stops_at_its_first_held_out_check_at_or_above_stop_at(tmp_path):
+    """stop_at: the run ends at the first check (every --eval-every steps) at or above it, and its
+    checkpoint is a finished one: --resume trains it no further, load_finished returns it."""
+    for stop_at, checks, steps in ((0.9, [0.5, 0.95, 1.0], 4), (0.0, [0.5, 0.95, 1.0, 1.0, 1.0], 10)):
+        run = make_run(tmp_path / str(stop_at), "--eval-every", "2")
+        run.stop_at, it = stop_at, iter(checks)
+        run.eval_reward = lambda model, prompts, seed: next(it)
+        assert len(list(run.steps())) == steps
+        ck = torch.load(run.path, weights_only=False)
+        assert (ck["step"], ck["total"], ck["converged"]) == (steps, 10, steps < 10)
+        assert load_finished(run.path, run.env, "tiny", None) is not None
+    again = make_run(tmp_path / "0.9", "--eval-every", "2", "--resume")
+    assert list(again.steps()) == [] and again.start == 4

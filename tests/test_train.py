@@ -488,7 +488,7 @@ def test_an_expert_on_a_plateau_is_trained_again_from_another_init(tmp_path, mon
     trained.clear()
     it = iter([0.7, 0.99])
     data = dict(response=torch.zeros(1))
-    train_py.fit_until(cfg, env, "base-small", "small", "student", 2, 1e-3, data, 0.95, "fingerprint")
+    train_py.fit_until(cfg, env, "base-small", "small", "student", 2, 1e-3, data, 0.95, "fingerprint", 0.0)
     assert [t[0] for t in trained] == ["base-small", "base-small"]
     assert torch.equal(trained[0][1], train_py.new_model(cfg, env, "small", "student").wte.weight)
 
@@ -508,3 +508,20 @@ def test_a_pointer_checkpoint_from_before_no_copy_is_still_reused(tmp_path):
     cfg2 = train_py.parse_args(["--task", "pointer", "--no-copy", *TINY[2:], "--out-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="made for task="):  # but never for the --no-copy task
         train_py.load_finished(str(path), train_py.setup(cfg2), cfg.expert_size, None)
+
+
+def test_an_expert_stops_at_convergence_and_is_reused_only_by_the_same_schedule(tmp_path):
+    """--stop-at: the expert ends at its first held-out check at or above it, and that checkpoint
+    counts as finished (reused, not trained on); a run asking for another --stop-at refuses it."""
+    d = str(tmp_path)
+    out = train("--mode", "expert", "--out-dir", d, *TINY, "--stop-at", "0.5")
+    assert "converged: its held-out check reached 0.5 (--stop-at) at step" in out.stdout
+    ck = torch.load(os.path.join(d, "mirror", "expert.pt"), weights_only=False)
+    assert ck["converged"] and ck["step"] < ck["total"] == 300
+    rows = [json.loads(line) for line in open(os.path.join(d, "mirror", "expert.metrics.jsonl"))]
+    assert rows[-1]["step"] == ck["step"] and rows[-1]["eval_reward"] >= 0.5  # it stopped at that check
+    assert all(r["eval_reward"] < 0.5 for r in rows[:-1] if "eval_reward" in r)  # and not before
+    out = train("--mode", "base", "--out-dir", d, *TINY, "--stop-at", "0.5")
+    assert "training expert" not in out.stdout  # reused as a finished expert
+    out = train("--mode", "base", "--out-dir", d, *TINY, check=False)
+    assert out.returncode == 1 and "was trained with --stop-at 0.5, this run asks for 0.0" in out.stderr
