@@ -181,7 +181,10 @@ class Run:
         if self.prompts is not None:
             self.prompts.g.set_state(ck["rng"]["prompts"][self.rank])
         self.start, self.totals, self.saved = ck["step"], ck["totals"], ck["step"]
-        self.converged = ck.get("converged", False)  # finished early: --resume trains it no further
+        # finished early at a check >= --stop-at: --resume trains it no further, unless it asks for
+        # another --stop-at (then it goes on from there, as a run asking for more steps does; only
+        # --mode expert gets here: train.load_finished refuses a base made with another --stop-at)
+        self.converged = ck.get("converged", False) and ck.get("config", {}).get("stop_at") == self.cfg.stop_at
         rank0_print(self.env, f"resumed {self.path} at step {self.start}")
         if ck["total"] != self.total:  # allowed (train on for longer), but the lr schedule is another one
             rank0_print(self.env, f"note: {self.path} was a run of {ck['total']} steps, continued as one of "
@@ -216,17 +219,17 @@ class Run:
                                      f"(the weights have diverged); {self.kept()}")
                 if converged and step + 1 < self.total:
                     self.converged = True
-                    rank0_print(self.env, f"{self.name} converged: its held-out check reached {self.stop_at:g} "
-                                          f"(--stop-at) at step {step + 1} of {self.total}; stopping here")
+                    rank0_print(self.env, f"{self.name} converged: its held-out check reached {self.stop_at:.3g} "
+                                          f"at step {step + 1} of {self.total} (--stop-at); stopping here")
                 if stop or converged or step + 1 == self.total:  # no later step will check these weights
                     self.save(self.snapshot(step + 1))
                 elif (step + 1) % self.cfg.save_every == 0:
                     self.pending = self.snapshot(step + 1)
-                if self.converged:
-                    break
-                if stop:
+                if stop:  # Ctrl-C wins over convergence: the user asked to stop the whole command
                     rank0_print(self.env, f"interrupted: saved {self.path} at step {step + 1}; continue with --resume")
                     raise SystemExit(130)
+                if self.converged:
+                    break
         finally:
             signal.signal(signal.SIGINT, old)
             if self.rows != self.metrics and os.path.exists(self.rows):

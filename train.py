@@ -85,9 +85,9 @@ class Config:
     # ---- logging and checkpoints
     out_dir: str = opt("out", "checkpoints go to <out-dir>/<task>/", LOGGING)
     expert_ckpt: str = opt("", "an expert checkpoint to use ('': <out-dir>/<task>/expert.pt, trained if missing)", LOGGING)
-    eval_prompts: int = opt(256, "held-out prompts for the final evaluation", LOGGING)
+    eval_prompts: int = opt(256, "held-out prompts for the final evaluation (a quarter: the checks)", LOGGING)
     log_every: int = opt(50, "steps between progress lines", LOGGING)
-    eval_every: int = opt(50, "steps between held-out reward checks (logged to metrics.jsonl)", LOGGING)
+    eval_every: int = opt(50, "steps between held-out reward checks (metrics.jsonl; --stop-at acts on them)", LOGGING)
     save_every: int = opt(100, "steps between checkpoints", LOGGING)
     resume: bool = opt(False, "continue from this run's checkpoint (step, optimizer, RNG states)", LOGGING)
     # ---- advanced
@@ -134,21 +134,16 @@ def check(cfg):
             ("log_every", 1), ("eval_every", 1), ("save_every", 1), ("threads", 0), ("lr", 0), ("expert_lr", 0),
             ("weight_decay", 0), ("expert_restarts", 0), ("digits", 0), ("answer_len", 0), ("block_size", 0)) if getattr(cfg, k) < lo]
     bad += [f"{flag(k)} must be in {lo}..{hi}" for k, lo, hi in
-            (("seed", 0, 2**31 - 1), ("threads", 0, 1024), ("expert_min_reward", 0, 1), ("stop_at", 0, 1)) if not lo <= getattr(cfg, k) <= hi]
+            (("seed", 0, 2**31 - 1), ("threads", 0, 1024), ("expert_min_reward", 0, 1), ("stop_at", 0, 1),
+             ("gamma", 0, 1), ("beta", 0, 1)) if not lo <= getattr(cfg, k) <= hi]
     if not 0 < cfg.mode_weight < 1 or (cfg.mode_weight != 0.5 and (cfg.task == "countdown" or not cfg.sign)):
         bad.append("--mode-weight is a probability in (0, 1), for mirror or pointer with a sign")
     if not cfg.copy and cfg.task != "pointer":
         bad.append("--no-copy is a pointer setting")
-    if not 0 <= cfg.gamma <= 1:
-        bad.append("--gamma must be in [0, 1]")
     if not 0 <= cfg.mix < 1:
         bad.append("--mix must be in [0, 1)")
-    if not 0 <= cfg.beta <= 1:
-        bad.append("--beta must be in [0, 1]")
-    if not cfg.temperature > 0:
-        bad.append("--temperature must be > 0")
-    if not cfg.grad_clip > 0:  # a negative clip norm flips the gradient: ascent
-        bad.append("--grad-clip must be > 0")
+    # a negative clip norm would flip the gradient: ascent
+    bad += [f"{flag(k)} must be > 0" for k in ("temperature", "grad_clip") if not getattr(cfg, k) > 0]
     per_rank = cfg.batch_size // int(os.environ.get("WORLD_SIZE", 1))  # torchrun: rows each rank samples
     if cfg.mix and not 0 < round(cfg.mix * per_rank) < per_rank:
         bad.append(f"--mix {cfg.mix:g} gives {round(cfg.mix * per_rank)} expert rows of {per_rank} per rank: "
@@ -202,6 +197,12 @@ def fit(cfg, env, name, model, steps, lr, loop, *args, prompts=None, expert_id=N
     return model
 
 
+def stopped_by(cfg):
+    """What a reused checkpoint must share with this run for --stop-at: the checks that end it too."""
+    keys = ("stop_at", "eval_every", "eval_prompts") if cfg.stop_at else ("stop_at",)
+    return {k: ("--" + k.replace("_", "-"), getattr(cfg, k)) for k in keys}
+
+
 def get_expert(cfg, env):
     """Load <out>/<task>/expert.pt, or train it: SFT on ground-truth answers drawn uniformly
     among all valid ones (so the expert is multimodal). Returns it frozen, and its fingerprint,
@@ -214,7 +215,7 @@ def get_expert(cfg, env):
         path = os.path.join(env["dir"], "expert.pt")
         expert = None if cfg.mode == "expert" else load_finished(
             path, env, cfg.expert_size, None, dict(seed=("--seed", cfg.seed), total=("--expert-steps", cfg.expert_steps),
-                                                   mode_weight=("--mode-weight", cfg.mode_weight), stop_at=("--stop-at", cfg.stop_at)))
+                                                   mode_weight=("--mode-weight", cfg.mode_weight), **stopped_by(cfg)))
     if expert is None:
         expert = train_expert(cfg, env)
     expert.eval().requires_grad_(False)  # frozen and replicated: no DDP wrapper
@@ -307,7 +308,7 @@ def get_student_base(cfg, env, expert, expert_id, expert_reward):
     again from another init, as the expert is (only with the gate on)."""
     name = f"base-{cfg.student_size}"
     base = load_finished(os.path.join(env["dir"], f"{name}.pt"), env, cfg.student_size, expert_id,
-                         dict(seed=("--seed", cfg.seed), total=("--base-steps", cfg.base_steps), stop_at=("--stop-at", cfg.stop_at)))
+                         dict(seed=("--seed", cfg.seed), total=("--base-steps", cfg.base_steps), **stopped_by(cfg)))
     if base is None:
         data = expert_samples(cfg, env, expert, expert_id, cfg.base_steps * cfg.batch_size,
                               seed_for(cfg.seed, PROMPT_STREAMS["base"]))

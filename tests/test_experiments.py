@@ -11,6 +11,7 @@ import torch
 
 import eval as eval_module
 import experiments
+import jobs
 import toy
 from countdown import CountdownTask
 from data import MirrorTask, Tokenizer, eval_prompts, seed_for
@@ -34,7 +35,7 @@ def test_toy_forward_projection_is_uniform_reverse_picks_one_mode():
     assert rev["rev_kl"] < -math.log((1 - eps) / 2)
 
 
-@pytest.mark.parametrize("method", experiments.ABLATION + experiments.GRID, ids=lambda m: m[0])
+@pytest.mark.parametrize("method", jobs.ABLATION + jobs.GRID, ids=lambda m: m[0])
 def test_every_method_names_the_run_train_py_makes(method):
     label, flags, name = method
     cfg = parse_args([*flags, "--student-size", "small"])
@@ -44,14 +45,14 @@ def test_every_method_names_the_run_train_py_makes(method):
 
 def test_grid_jobs_come_after_their_dependencies():
     runs = [(f"d{s}", ["--seed", str(s)]) for s in range(2)]
-    jobs = experiments.grid_jobs(runs, "mirror", "medium", ["medium", "small"], experiments.GRID)
+    listed = jobs.grid_jobs(runs, "mirror", "medium", ["medium", "small"], jobs.GRID)
     seen = set()
-    for key, argv, log, deps, done_file in jobs:
+    for key, argv, log, deps, done_file in listed:
         assert all(d in seen for d in deps), key
         assert done_file.startswith(os.path.join(key[0], "mirror"))
         seen.add(key)
-    assert len(jobs) == 2 * (1 + 2 * 4)
-    deps = {key: set(d) for key, _, _, d, _ in jobs}
+    assert len(listed) == 2 * (1 + 2 * 4)
+    deps = {key: set(d) for key, _, _, d, _ in listed}
     for label in ("base", "offline SFT"):  # the second size reuses the expert samples the first one drew
         assert ("d0", label, "medium") in deps[("d0", label, "small")]
 
@@ -157,12 +158,12 @@ def test_horizon_sweep_runs_end_to_end_and_train_args_override_its_recipe(tmp_pa
     assert "pointer (16 digits" not in report and "pointer (10 digits), student small (realizable)" in report
     assert "where the realizable models' errors start at H=2" in report and "rate per position" in report
     assert "claims at H=2" in report and "expert reaches >= 0.95" in report
-    assert "min for the whole sweep (9 train.py runs" in report
+    assert "wall time, in one piece" in report and "min for 9 train.py runs, 2 at a time" in report
     plot = report[report.index("as a text plot"):].splitlines()
     assert plot[3].split()[:2] == ["student", "method"] and plot[3].split()[-1] == "H=2"
     assert plot[4].startswith("small (realizable)") and plot[4].split()[2] == "expert"
     steps = next(line for line in report.splitlines() if line.startswith("H=2   expert"))
-    assert steps.split()[3:] == ["4", "attempts", "1"]  # 4 steps (the 64-prompt check never reached 1), one attempt
+    assert steps.split()[3:] == ["4", "attempts", "1"]  # 4 steps (its check, on 4 prompts, never reached 1), one attempt
 
 
 def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
@@ -171,18 +172,18 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
     argv = ["--mode", "sft", "--seed", "1", "--expert-steps", "6000"]
     done = tmp_path / "sft-small.result.json"
     done.write_text(json.dumps(dict(reward=1.0, config=asdict(parse_args(["--threads", "1", *argv])))))
-    experiments.check_done(str(done), argv)  # the same settings: reused
+    jobs.check_done(str(done), argv)  # the same settings: reused
     with pytest.raises(UsageError, match=r"--expert-steps 6000 \(this run: 1500\)"):
-        experiments.check_done(str(done), argv[:-2])
+        jobs.check_done(str(done), argv[:-2])
     old = asdict(parse_args(["--threads", "1", *argv]))
     del old["number_tokens"], old["countdown_format"]  # a mirror run made before these countdown flags existed
     done.write_text(json.dumps(dict(reward=1.0, config=old)))
-    experiments.check_done(str(done), argv)  # reused: they change nothing for mirror
+    jobs.check_done(str(done), argv)  # reused: they change nothing for mirror
     with pytest.raises(UsageError, match=r"--number-tokens \(not recorded\) \(this run: True\)"):
-        experiments.check_done(str(done), [*argv, "--task", "countdown"])
+        jobs.check_done(str(done), [*argv, "--task", "countdown"])
     done.write_text(json.dumps(dict(reward=1.0)))  # written before settings were recorded
     with pytest.raises(UsageError, match="settings not recorded"):
-        experiments.check_done(str(done), argv)
+        jobs.check_done(str(done), argv)
 
 
 def test_countdown_grid_takes_its_recipe_and_number_tokens(tmp_path):
@@ -236,9 +237,9 @@ def test_countdown_grid_takes_its_recipe_and_number_tokens(tmp_path):
 
 def test_online_method_removes_gamma_and_its_value_only():
     """online() used to drop every flag *value* equal to gamma's: --beta 0 lost its 0."""
-    assert experiments.online("x", "--gamma", "0", "--beta", "0")[1] == ["--mode", "onpolicy", "--gamma", "0",
+    assert jobs.online("x", "--gamma", "0", "--beta", "0")[1] == ["--mode", "onpolicy", "--gamma", "0",
                                                                          "--beta", "0"]
-    label, flags, name = experiments.online("x", "--divergence", "jsd", "--gamma", "0.5", suffix="-jsd")
+    label, flags, name = jobs.online("x", "--divergence", "jsd", "--gamma", "0.5", suffix="-jsd")
     assert flags == ["--mode", "onpolicy", "--gamma", "0.5", "--divergence", "jsd"] and name("small") == "onpolicy-small-g0.5-jsd"
 
 

@@ -214,14 +214,28 @@ def test_a_held_out_check_that_overflows_stops_the_run_in_one_line(tmp_path):
 
 def test_a_run_stops_at_its_first_held_out_check_at_or_above_stop_at(tmp_path):
     """stop_at: the run ends at the first check (every --eval-every steps) at or above it, and its
-    checkpoint is a finished one: --resume trains it no further, load_finished returns it."""
+    checkpoint is a finished one: --resume trains it no further, load_finished returns it; a
+    --resume asking for another --stop-at goes on from there."""
     for stop_at, checks, steps in ((0.9, [0.5, 0.95, 1.0], 4), (0.0, [0.5, 0.95, 1.0, 1.0, 1.0], 10)):
-        run = make_run(tmp_path / str(stop_at), "--eval-every", "2")
+        run = make_run(tmp_path / str(stop_at), "--eval-every", "2", "--stop-at", str(stop_at))
         run.stop_at, it = stop_at, iter(checks)
         run.eval_reward = lambda model, prompts, seed: next(it)
         assert len(list(run.steps())) == steps
         ck = torch.load(run.path, weights_only=False)
         assert (ck["step"], ck["total"], ck["converged"]) == (steps, 10, steps < 10)
         assert load_finished(run.path, run.env, "tiny", None) is not None
-    again = make_run(tmp_path / "0.9", "--eval-every", "2", "--resume")
+    again = make_run(tmp_path / "0.9", "--eval-every", "2", "--stop-at", "0.9", "--resume")
     assert list(again.steps()) == [] and again.start == 4
+    more = make_run(tmp_path / "0.9", "--eval-every", "2", "--resume")  # --stop-at 0: every step
+    more.eval_reward = lambda model, prompts, seed: 1.0
+    assert list(more.steps()) == list(range(4, 10))
+
+
+def test_ctrl_c_on_the_step_that_converges_still_stops_the_command(tmp_path):
+    """Convergence ends the run; a Ctrl-C on that very step must still end the whole command."""
+    run = make_run(tmp_path, "--eval-every", "1", "--stop-at", "0.5")
+    run.stop_at, run.eval_reward = 0.5, lambda model, prompts, seed: 1.0
+    with pytest.raises(SystemExit) as e:
+        for _ in run.steps():
+            run.stop_requested = True
+    assert e.value.code == 130 and torch.load(run.path, weights_only=False)["step"] == 1

@@ -252,7 +252,7 @@ def test_killed_run_resumes_from_its_held_back_checkpoint_exactly(tiny_runs, tmp
     (["--block-size", "4"], "shorter than this task's prompt + response"),
     (["--expert-ckpt", "/no/such/expert.pt"], "no such file"),
     (["--out-dir", "/dev/null/out"], "cannot write to output folder"),
-    (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
+    (["--gamma", "1.5"], "--gamma must be in 0..1"),
     (["--steps", "-1"], "--steps must be >= 0"),
     (["--lr", "abc"], "invalid float value: 'abc'"),
     (["--grad-clip", "-1"], "--grad-clip must be > 0"),  # a negative clip flips the gradient
@@ -515,7 +515,7 @@ def test_an_expert_stops_at_convergence_and_is_reused_only_by_the_same_schedule(
     counts as finished (reused, not trained on); a run asking for another --stop-at refuses it."""
     d = str(tmp_path)
     out = train("--mode", "expert", "--out-dir", d, *TINY, "--stop-at", "0.5")
-    assert "converged: its held-out check reached 0.5 (--stop-at) at step" in out.stdout
+    assert "converged: its held-out check reached 0.5 at step" in out.stdout
     ck = torch.load(os.path.join(d, "mirror", "expert.pt"), weights_only=False)
     assert ck["converged"] and ck["step"] < ck["total"] == 300
     rows = [json.loads(line) for line in open(os.path.join(d, "mirror", "expert.metrics.jsonl"))]
@@ -525,3 +525,5 @@ def test_an_expert_stops_at_convergence_and_is_reused_only_by_the_same_schedule(
     assert "training expert" not in out.stdout  # reused as a finished expert
     out = train("--mode", "base", "--out-dir", d, *TINY, check=False)
     assert out.returncode == 1 and "was trained with --stop-at 0.5, this run asks for 0.0" in out.stderr
+    out = train("--mode", "base", "--out-dir", d, *TINY, "--stop-at", "0.5", "--eval-every", "10", check=False)
+    assert out.returncode == 1 and "was trained with --eval-every 20, this run asks for 10" in out.stderr
