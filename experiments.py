@@ -12,6 +12,7 @@ grid's runs can be shared with the ablation).
 """
 import json
 import os
+import statistics
 import sys
 
 try:  # optional: reward_vs_step.png beside the text plots
@@ -224,11 +225,10 @@ def horizon(a, train_args):
                        f"{a.seeds} seed(s)",
                        table("H", [str(h) for h in hs], [m[0] for m in GRID],
                              lambda r, c, key=key: mean_std([x[key] for x in res[int(r)][(c, size)]])))
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     plot = [f"{'student':<24}{'method':<15}" + " ".join(f"{'H=' + str(h):>5}" for h in hs)]
     for size in sizes:
-        for label in [m[0] for m in GRID] if size == expert_size else [m[0] for m in GRID if m[0] != "expert"]:
-            ys = [mean([x["reward"] for x in res[h][(label, size)]]) for h in hs]
+        for label in [m[0] for m in GRID if size == expert_size or m[0] != "expert"]:  # the expert once
+            ys = [statistics.fmean(x["reward"] for x in res[h][(label, size)]) for h in hs]
             plot.append(f"{size + (' (realizable)' if size == expert_size else ' (misspec.)'):<24}{label:<15}"
                         + " ".join(f"{y:5.2f}" for y in ys) + f"   |{sparkline(ys)}|")
     report.add("reward (temperature 1, mean over seeds) against H, and as a text plot: one block per H, "
