@@ -28,9 +28,9 @@ token_divergence(h, W, expert, kind)     -> per-row divergence over the vocab [N
 
 Which implementation runs (backend()): fused=False is always the naive reference (log_softmax
 over the full logits), for reading and for tests. fused=True on CUDA tensors, where kernels_triton
-imports (Triton installed), runs its Triton kernels for token_logprobs and reverse KL; everything
-else (the CPU, forward KL, JSD, float64) runs the PyTorch kernels below, whose arithmetic this
-module keeps as it was, so CPU training results stay bitwise the same. impl= forces one of them.
+imports (Triton installed), runs its Triton kernels for token_logprobs and reverse KL, and naive
+elsewhere on CUDA (forward KL, JSD, float64, no Triton: the PyTorch kernels are the slower there);
+the CPU runs the PyTorch kernels below. impl= forces one of them.
 Every path first refuses inputs it cannot take with one ValueError line (targets outside [0, V)
 other than IGNORE, an expert of another shape), checked once here before dispatch.
 
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 try:
     import kernels_triton
-except ImportError:  # no Triton (the CPU build of torch): the PyTorch kernels serve every device
+except ImportError:  # no Triton (the CPU build of torch): backend() never picks it
     kernels_triton = None
 
 IGNORE = -100  # target id of rows that take no part (padding, prompt tokens)
@@ -62,15 +62,17 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what kernels_t
 
 
 def backend(h, W, fused=True, triton=True):
-    """The implementation a call runs: "naive" when fused=False; "triton" when kernels_triton
-    imported, h and W are CUDA tensors of one dtype it takes, and it has the kernel (triton=False:
-    forward KL and JSD); else "fused", the PyTorch kernels here."""
+    """The implementation a call runs: "naive" when fused=False; on the CPU "fused", the PyTorch
+    kernels here; on CUDA "triton" where kernels_triton imported, h and W share a dtype it takes
+    and it has the kernel (triton=False: forward KL and JSD), else "naive"."""
     if not fused:
         return "naive"
-    if (triton and kernels_triton is not None and h.is_cuda and W.is_cuda and h.dtype == W.dtype
-            and h.dtype in TRITON_DTYPES):
+    if not (h.is_cuda or W.is_cuda):
+        return "fused"
+    if triton and kernels_triton is not None and h.is_cuda and W.is_cuda and h.dtype == W.dtype \
+            and h.dtype in TRITON_DTYPES:
         return "triton"
-    return "fused"
+    return "naive"  # H100: fused log-probs and KL took 3.2-6.4x naive's time (RESULTS.md, "Fused kernels on the GPU")
 
 
 def _choose(impl, h, W, fused, triton=True):

@@ -1,6 +1,7 @@
 """The CUDA path, where a GPU is present (skipped otherwise; run by gpu_check.sh): the kernels
-in fp32 and bf16 against float64 CPU references, by default (Triton's where it is installed,
-kernels.backend) and forced to the PyTorch kernels; the sampler; a tiny pipeline end to end."""
+in fp32 and bf16 against float64 CPU references, by default (kernels.backend: Triton's where it
+is installed and has the kernel, else naive) and forced to the PyTorch kernels; the sampler; a
+tiny pipeline end to end."""
 import json
 import os
 import subprocess
@@ -33,15 +34,16 @@ def inputs(dtype, seed=0):
 
 # fp32 on the GPU runs its GEMMs in TF32 when train.py turns that on; these tests leave it off
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
-# None: what training gets (kernels.backend: Triton's kernels where Triton imports)
+# None: what training gets (kernels.backend: Triton's kernels where Triton imports, else naive)
 IMPLS = [None, "fused"]
 
 
 def test_default_backend_on_cuda():
     h, W = torch.zeros(2, 4, device="cuda"), torch.zeros(3, 4, device="cuda")
-    expected = "fused" if kernels.kernels_triton is None else "triton"
-    assert kernels.backend(h, W) == expected and kernels.backend(h, W, triton=False) == "fused"
+    expected = "naive" if kernels.kernels_triton is None else "triton"
+    assert kernels.backend(h, W) == expected and kernels.backend(h, W, triton=False) == "naive"
     assert kernels.backend(h, W, fused=False) == "naive"
+    assert kernels.backend(h.double(), W.double()) == "naive"
 
 
 @pytest.mark.parametrize("impl", IMPLS)

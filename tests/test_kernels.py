@@ -1,5 +1,6 @@
 """The fused kernels against float64 references built from plain log_softmax; the checks that
-refuse mismatched inputs on every path; the choice of backend (Triton's on CUDA), on the CPU."""
+refuse mismatched inputs on every path; the choice of backend (the PyTorch kernels on the CPU;
+Triton's or naive on CUDA), with fake tensors on the CPU."""
 from types import SimpleNamespace
 
 import pytest
@@ -247,17 +248,22 @@ def fake(device="cuda", dtype=torch.float32):
 
 
 def test_backend_choice(monkeypatch):
+    """CPU tensors: always the PyTorch kernels. CUDA tensors: Triton's where it has the kernel
+    and takes the inputs, else naive (faster there than the PyTorch kernels)."""
     monkeypatch.setattr(kernels, "kernels_triton", object())  # Triton imported
     assert backend(fake(), fake()) == "triton"
     assert backend(fake(dtype=torch.bfloat16), fake(dtype=torch.bfloat16)) == "triton"
-    assert backend(fake(), fake(), triton=False) == "fused"  # forward KL, JSD: no Triton kernel
+    assert backend(fake(), fake(), triton=False) == "naive"  # forward KL, JSD: no Triton kernel
     assert backend(fake(), fake(), fused=False) == "naive"
     assert backend(fake("cpu"), fake("cpu")) == "fused"
-    assert backend(fake(), fake("cpu")) == "fused"  # the Triton kernel would refuse them
-    assert backend(fake(dtype=torch.float64), fake(dtype=torch.float64)) == "fused"
-    assert backend(fake(dtype=torch.bfloat16), fake()) == "fused"
-    monkeypatch.setattr(kernels, "kernels_triton", None)  # Triton missing: the normal CPU case
-    assert backend(fake(), fake()) == "fused" and backend(fake(), fake(), fused=False) == "naive"
+    assert backend(fake("cpu"), fake("cpu"), triton=False) == "fused"
+    assert backend(fake(), fake("cpu")) == "naive"  # the Triton kernel would refuse them
+    assert backend(fake(dtype=torch.float64), fake(dtype=torch.float64)) == "naive"
+    assert backend(fake(dtype=torch.bfloat16), fake()) == "naive"
+    monkeypatch.setattr(kernels, "kernels_triton", None)  # Triton missing: CUDA gets naive, the CPU fused
+    assert backend(fake(), fake()) == "naive" and backend(fake(), fake(), triton=False) == "naive"
+    assert backend(fake(dtype=torch.bfloat16), fake(dtype=torch.bfloat16)) == "naive"
+    assert backend(fake("cpu"), fake("cpu")) == "fused" and backend(fake("cpu"), fake("cpu"), fused=False) == "naive"
 
 
 def test_dispatch_calls_the_chosen_kernel(monkeypatch):
@@ -270,8 +276,9 @@ def test_dispatch_calls_the_chosen_kernel(monkeypatch):
     h, W, g = inputs(N=4, V=22)
     t, ze = torch.tensor([1, IGNORE, 0, 21]), torch.randn(4, 22, generator=g)
     assert token_logprobs(h, W, t).shape == (4,) and token_divergence(h, W, ze).shape == (4,) and not calls  # CPU
+    # as on CUDA with Triton: its kernel where it has one, else naive
     monkeypatch.setattr(kernels, "backend", lambda h, W, fused=True, triton=True: "triton" if fused and triton
-                        else "naive" if not fused else "fused")
+                        else "naive")
     assert token_logprobs(h, W, t, temperature=0.5) == "lp"
     assert calls[-1] == ("logprobs", (h, W, t, 0.5), dict(check_targets=False))  # checked once, here
     assert token_divergence(h, W, ze, "jsd", beta=1.0, temperature=0.5) == "kl"  # JSD(1) is reverse KL
