@@ -11,39 +11,18 @@ logits [N, V], their log-softmax and their gradients: at N=4096 and V=50257 in f
             grad_h += G_blk @ W_blk  (small [N, d], accumulated)
             grad_W[blk] = G_blk^T @ h  (written once per block).
 
-Chunking over the vocabulary rather than over rows (as Cut Cross-Entropy does) means each
-slice of grad_W is written exactly once, so the cost stays at ~4 GEMMs (naive: 3). All
-softmax/logsumexp arithmetic is fp32 even when h and W are bf16; the GEMMs run in the
-input dtype, which is what makes them fast on a GPU.
+Chunking over the vocabulary rather than over rows (as Cut Cross-Entropy does) writes each
+slice of grad_W once, so the cost stays at ~4 GEMMs (naive: 3). Softmax/logsumexp arithmetic
+is fp32 even when h and W are bf16; the GEMMs run in the input dtype.
 
-token_logprobs(h, W, targets)            -> log p(target) per row            [N] fp32
-token_divergence(h, W, expert, kind)     -> per-row divergence over the vocab [N] fp32
-    kind = "reverse": KL(student || expert)   mode-seeking; online IL's objective
-           "forward": KL(expert || student)   mode-covering; what SFT minimises
-           "jsd":     generalised JSD(beta), GKD/TRL convention: m = beta*p + (1-beta)*q,
-                      beta*KL(p||m) + (1-beta)*KL(q||m); beta=0 is forward, beta=1 reverse KL.
-                      Those endpoints are TRL's convention, not limits: JSD(beta) -> 0 at both
-                      ends (beta*KL(p||q) near 0, (1-beta)*KL(q||p) near 1), so the divergence
-                      and its gradient jump at beta = 0 and 1 (see token_divergence).
-
-Which implementation runs (backend()): fused=False is always the naive reference (log_softmax
-over the full logits), for reading and for tests. fused=True on CUDA tensors, where kernels_triton
-imports (Triton installed), runs its Triton kernels for token_logprobs and reverse KL, and naive
-elsewhere on CUDA (forward KL, JSD, float64, no Triton: the PyTorch kernels are the slower there);
-the CPU runs the PyTorch kernels below. impl= forces one of them.
-Every path first refuses inputs it cannot take with one ValueError line (targets outside [0, V)
-other than IGNORE, an expert of another shape), checked once here before dispatch.
-
-Not run on a GPU in this change: nothing on CUDA (the dispatch to Triton, the compiled Triton
-kernels with their new checks, tests/test_cuda.py). On the CPU: backend() with fake tensors and the
-Triton kernels under Triton's interpreter, through kernels.py too. gpu_check.sh runs the rest.
-
-There is no loss-level kernel (one forming grad_h and grad_W in the forward, as Liger's fused
-linear cross-entropy does): wired into sft.py and distill.py it would hide the loss from a reader,
-who now sees it written per token there. The per-token path costs one GEMM more than naive: on
-the CPU (bench.py --threads 1 --n 1024 --d 768 --v 8192) log-probs take 1.04x naive's time at 0.60x
-its memory, online IL's loss 1.58x at 0.57x; at the project's V=22 (N=4096, d=16..64) fused or naive
-is a 1-2 ms difference at most in a 16-150 ms training step, within its noise.
+Which implementation runs (backend()): fused=False is the naive reference (log_softmax over the
+full logits), for reading and for tests. fused=True runs the PyTorch kernels below on the CPU;
+on CUDA, kernels_triton's kernels for log-probs and reverse KL where Triton is installed, else
+naive (there the PyTorch kernels' blocked passes, forward KL's and JSD's included, are slower).
+impl= forces one. There is no loss-level kernel (one forming grad_h and grad_W in the forward,
+as Liger's fused linear cross-entropy does): it would hide the loss from a reader of sft.py and
+distill.py, who sees it written per token there. Costs against naive: RESULTS.md, "Fused
+kernels on the CPU" and "Fused kernels on the GPU"; tests/test_cuda.py checks the CUDA paths.
 """
 import math
 
@@ -56,8 +35,6 @@ except ImportError:  # no Triton (the CPU build of torch): backend() never picks
     kernels_triton = None
 
 IGNORE = -100  # target id of rows that take no part (padding, prompt tokens)
-
-
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what kernels_triton takes
 
 
@@ -176,8 +153,7 @@ class _TokenLogprobs(torch.autograd.Function):
         for v0 in range(0, V, block):
             v1 = min(V, v0 + block)
             p = _logits(h, W, v0, v1, T).sub_(lse[:, None]).exp_()
-            # d log p(t) / dz = onehot(t) - p, times the upstream gradient, through 1/T;
-            # built in p's own buffer
+            # d log p(t) / dz = onehot(t) - p, times the upstream gradient, through 1/T, in p's buffer
             G = p.mul_(-g[:, None])
             here = (tgt >= v0) & (tgt < v1)
             G.scatter_add_(1, (tgt - v0).clamp(0, v1 - v0 - 1)[:, None], (g * here)[:, None])
@@ -197,7 +173,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
 
 def token_logprobs(h, W, targets, temperature=1.0, fused=True, block=None, impl=None):
-    """log p(targets[i] | h[i]) under softmax(h W^T / T); rows with target IGNORE give 0.
+    """log p(targets[i] | h[i]) [N] fp32 under softmax(h W^T / T); rows with target IGNORE give 0.
     Runs backend(h, W, fused) unless impl names one; block: the PyTorch kernel's vocabulary block."""
     _check_hw(h, W)
     _check_targets(targets, h, W)
@@ -275,16 +251,15 @@ def _divergence_pass(h, W, expert, kind, beta, temperature, block):
 
 
 def _divergence_grad(logq, logp, div, c, kind, beta):
-    """dD/dz_k of one block of logits (before the 1/T): q_k (a_k - <q, a>) with a = dD/dq;
-    also returns q, which the log-prob gradient needs too."""
+    """dD/dz_k of one block of logits (before the 1/T): q_k (a_k - <q, a>) with a = dD/dq."""
     q = logq.exp()
     if kind == "reverse":  # a = log q - log p (+1, which cancels)
-        return torch.where(q > 0, q * (logq - logp - div[:, None]), 0.0), q
+        return torch.where(q > 0, q * (logq - logp - div[:, None]), 0.0)
     if kind == "forward":  # a = -p/q
-        return q - logp.exp(), q
+        return q - logp.exp()
     # jsd: a = (1-beta) (log q - log m)
     logm = torch.logaddexp(logp + math.log(beta), logq + math.log(1 - beta))
-    return q * ((1 - beta) * (logq - logm) - c[:, None]), q
+    return q * ((1 - beta) * (logq - logm) - c[:, None])
 
 
 class _TokenDivergence(torch.autograd.Function):
@@ -307,8 +282,7 @@ class _TokenDivergence(torch.autograd.Function):
             v1 = min(V, v0 + block)
             logq = _logits(h, W, v0, v1, T) - lse_s[:, None]
             logp = _expert_logits((expert_logits, expert_h, expert_W), v0, v1, T) - lse_e[:, None]
-            Gz, _ = _divergence_grad(logq, logp, div, c, kind, beta)
-            G = (g[:, None] * Gz / T).to(h.dtype)
+            G = (g[:, None] * _divergence_grad(logq, logp, div, c, kind, beta) / T).to(h.dtype)
             if grad_h is not None:
                 grad_h += G @ W[v0:v1]
             if grad_W is not None:
@@ -330,19 +304,24 @@ def naive_divergence(zs, ze, kind, beta=0.5):
 
 
 def _divergence_kind(kind, beta):
-    """Check the divergence's name and beta; JSD's endpoints are the KLs (GKD/TRL)."""
+    """Check the divergence's name and beta; JSD's beta=0 and 1 are the KLs (token_divergence)."""
     if kind not in ("reverse", "forward", "jsd"):
         raise ValueError(f"unknown divergence {kind!r}; choose reverse, forward or jsd")
     if kind == "jsd" and not 0 <= beta <= 1:
         raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
-    if kind == "jsd" and beta in (0, 1):  # the GKD/TRL endpoints: a jump, since JSD(beta) -> 0 there
+    if kind == "jsd" and beta in (0, 1):
         kind = "forward" if beta == 0 else "reverse"
     return kind
 
 
 def token_divergence(h, W, expert, kind="reverse", beta=0.5, temperature=1.0, fused=True, block=None,
                      impl=None):
-    """Per-row divergence between the student softmax(h W^T / T) and the expert's softmax.
+    """Per-row divergence [N] fp32 between the student q = softmax(h W^T / T) and the expert's p:
+      "reverse": KL(q || p), mode-seeking: online IL's objective
+      "forward": KL(p || q), mode-covering: what SFT minimises
+      "jsd":     generalised JSD(beta), GKD/TRL's: beta KL(p || m) + (1-beta) KL(q || m) with
+                 m = beta p + (1-beta) q; beta=0 is forward KL and beta=1 reverse KL by that
+                 convention, a jump: JSD(beta) itself tends to 0 at both ends.
     expert: expert logits [N, V], or (expert_h, expert_W) evaluated block by block, no grad.
     Runs backend(h, W, fused, kind == "reverse") unless impl names one."""
     kind = _divergence_kind(kind, beta)
@@ -355,8 +334,5 @@ def token_divergence(h, W, expert, kind="reverse", beta=0.5, temperature=1.0, fu
         ze = expert if torch.is_tensor(expert) else (expert[0] @ expert[1].T).detach()
         return naive_divergence((h @ W.T).float() / temperature, ze.float() / temperature, kind, beta)
     block = block or vocab_block(h.shape[0], W.shape[0])
-    if torch.is_tensor(expert):
-        args = (expert.detach(), None, None)
-    else:
-        args = (None, expert[0].detach(), expert[1].detach())
+    args = (expert.detach(), None, None) if torch.is_tensor(expert) else (None, *(x.detach() for x in expert))
     return _TokenDivergence.apply(h, W, *args, kind, beta, temperature, block)
