@@ -106,10 +106,12 @@ class GPT(nn.Module):
         """Final hidden states [B, T, d] (after the last LayerNorm).
         valid [B, start+T]: which key columns are real tokens (False on padding)."""
         B, T = tokens.shape
+        # positions count real tokens, so each is below start + T: a check on shapes, no device sync
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} columns (padding included) exceeds "
+                             f"block_size {self.cfg.block_size}")
         if pos is None:  # positions count real tokens only, so padding shifts nothing
             pos = (valid.long().cumsum(1) - 1).clamp(min=0)[:, start:start + T]
-        if int(pos.max()) >= self.cfg.block_size:
-            raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds block_size {self.cfg.block_size}")
         key = torch.arange(start + T, device=tokens.device)[None, :]
         query = torch.arange(start, start + T, device=tokens.device)[:, None]
         # a query sees earlier real keys, and always itself (so a pad row is never all -inf)

@@ -95,6 +95,27 @@ def test_sizes_and_config_errors():
         make_model("tiny", 4, 22, seed=0)(*encode_prompts(tok, ["12345="]))
 
 
+def test_forward_reads_no_tensor_value_on_the_host(monkeypatch):
+    """The block_size check uses shapes only: a forward (a whole batch, or one decoding step
+    with the KV cache) never turns a tensor into a Python value, which on a GPU is a sync."""
+    prompt, valid = encode_prompts(tok, PROMPTS)
+    B, P = prompt.shape
+    m = make_model("tiny", P, tok.vocab_size, seed=0).eval()  # exactly the batch's columns
+    cache = [tuple(torch.zeros(B, m.cfg.n_head, P, m.cfg.n_embd // m.cfg.n_head) for _ in "kv")]
+
+    def refuse(*a):
+        raise AssertionError("a tensor value was read on the host")
+
+    with monkeypatch.context() as patch:
+        for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+            patch.setattr(torch.Tensor, name, refuse)
+        m(prompt, valid)
+        m(prompt[:, :-1], valid[:, :-1], cache, 0)
+        m(prompt[:, -1:], valid, cache, P - 1, pos=valid.sum(1, keepdim=True) - 1)  # a decoding step
+    with pytest.raises(ValueError, match=rf"sequence of {P + 1} columns .* exceeds block_size {P}"):
+        m(torch.cat([prompt, prompt[:, -1:]], 1), torch.cat([valid, valid[:, -1:]], 1))
+
+
 def test_checkpoint_atomic_and_refuses_mismatch(tmp_path):
     m = model()
     path = str(tmp_path / "m.pt")
