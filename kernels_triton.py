@@ -2,7 +2,7 @@
 
 kernels.py's token_logprobs computes each [N, block] slab of logits with a GEMM, writes it
 to memory and runs a dozen elementwise ops over it; on a GPU those launches, not the
-arithmetic, set the time (README, "Fused log-prob kernels"). Here each program computes one
+arithmetic, set the time (RESULTS.md, "Fused kernels on the GPU"). Here each program computes one
 [BM, BV] tile of logits with tl.dot and finishes its work on it before anything leaves the chip:
 
   forward:  per tile, its row max and sum of exp(z - max), and the target's logit if the

@@ -37,11 +37,12 @@ class GPTConfig:
 # Named sizes, each with the learning rate it trains well at (smaller models take larger
 # steps). On the default (mirror) task, "medium" is the expert and a realizable student (the
 # same class); "small" has one layer, cannot compose two attention lookups, and is
-# misspecified (see data.py). "tiny" is for tests; "large" for countdown's expert.
+# misspecified (see data.py). "tiny" is for tests; "large" for countdown's expert. At 3e-3
+# "medium" stalls on a plateau on some seeds (RESULTS.md, "Training that converges").
 SIZES = {
     "tiny": dict(n_layer=1, n_head=2, n_embd=8, lr=1e-2),
     "small": dict(n_layer=1, n_head=1, n_embd=16, lr=1e-2),
-    "medium": dict(n_layer=2, n_head=4, n_embd=64, lr=1e-3),  # 3e-3 stalls on a plateau on some seeds (README)
+    "medium": dict(n_layer=2, n_head=4, n_embd=64, lr=1e-3),
     "large": dict(n_layer=4, n_head=4, n_embd=128, lr=5e-4),
 }
 
