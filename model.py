@@ -8,7 +8,7 @@ appends one column per step for the whole batch.
 import hashlib
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -240,16 +240,21 @@ def fingerprint(model):
 
 def load_checkpoint(path, expect=None, device="cpu"):
     """Load a checkpoint and its GPT; refuse one whose recorded fields differ from `expect`
-    (task, tokenizer identity, size ...) with a one-line UsageError naming the file."""
+    (task, tokenizer identity, size ...), or whose model_args GPTConfig does not know, with a
+    one-line UsageError naming the file."""
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such checkpoint")
     try:
         ck = torch.load(path, map_location=device, weights_only=True)  # tensors and plain data only: no code runs
-        args = {k: v for k, v in ck["model_args"].items() if not (k == "dropout" and v == 0)}  # made when it was a field
-        model = GPT(GPTConfig(**args))
-        model.load_state_dict(ck["model"])
+        unknown = sorted(set(ck["model_args"]) - {f.name for f in fields(GPTConfig)})
+        if not unknown:
+            model = GPT(GPTConfig(**ck["model_args"]))
+            model.load_state_dict(ck["model"])
     except Exception as e:  # corrupt or foreign file: say so, in one line
         raise UsageError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:100]})") from None
+    if unknown:
+        raise UsageError(f"{path}: made by an older version of this code (model_args has "
+                         f"{', '.join(map(repr, unknown))}); train it again")
     for k, v in (expect or {}).items():
         if ck.get(k) != v:
             raise UsageError(f"{path}: made for {k}={ck.get(k)!r}, but this run needs {k}={v!r}")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from data import Tokenizer, encode_prompts
+from errors import UsageError
 from model import SIZES, GPTConfig, load_checkpoint, make_model, response_logprobs, save_checkpoint
 
 tok = Tokenizer()
@@ -131,6 +132,18 @@ def test_checkpoint_atomic_and_refuses_mismatch(tmp_path):
         load_checkpoint(str(bad))
     with pytest.raises(ValueError, match="no such checkpoint"):
         load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_checkpoint_with_unknown_model_args_says_train_again(tmp_path):
+    """A checkpoint whose model_args has a field GPTConfig lacks (dropout) gets one line."""
+    path = str(tmp_path / "old.pt")
+    save_checkpoint(path, model())
+    ck = torch.load(path, weights_only=True)
+    ck["model_args"]["dropout"] = 0.0
+    torch.save(ck, path)
+    with pytest.raises(UsageError) as e:
+        load_checkpoint(path)
+    assert str(e.value) == f"{path}: made by an older version of this code (model_args has 'dropout'); train it again"
 
 
 class Payload:
