@@ -8,6 +8,7 @@
 
     python toy.py    # both tables, text bars and plots; writes out/toy/report.md
 """
+import argparse
 import math
 import os
 
@@ -20,6 +21,7 @@ try:  # optional: toy.png beside the text bars
 except ImportError:
     plt = None
 
+from errors import OneLineParser
 from eval import Report, sparkline, table
 
 
@@ -125,7 +127,7 @@ def mode_weight_r_is_uniform(eps, V=10, trials=200, seed=0):
     return best, price(torch.full((V,), 1 / V, dtype=torch.float64)), mode_weight_law(0.5, 1, eps, V)["c"]
 
 
-def main(out_dir=os.path.join("out", "toy")):
+def main(out_dir):
     res = toy()
     report = Report("the exact toys: the H=1 projections, and the mode-weight law")
     rows = [r for r in res if r != "expert"]
@@ -166,4 +168,6 @@ def mode_weight_cell(law, row, col):
 
 
 if __name__ == "__main__":
-    main()
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", default=os.path.join("out", "toy"), help="where report.md and toy.png go")
+    main(parser.parse_args().out_dir)
