@@ -16,7 +16,7 @@ numbers both formats reach the same targets (every fractional or negative interm
 be reordered away; tests/test_countdown.py checks it), so their prompts are the same.
 Countdown is tokenized with one token per number (Tokenizer(numbers=True), number_tokens),
 so `25-7=18` is five tokens and an operation is a lookup on whole numbers, not carries
-across digit tokens (measured in README, "Countdown"; --no-number-tokens for digits).
+across digit tokens (measured in RESULTS.md, "Countdown"; --no-number-tokens for digits).
 
 The verifiers parse untrusted model text with exact rational arithmetic; nothing the model
 writes ever reaches eval/exec. Any malformed answer scores 0, never an exception.
@@ -24,7 +24,7 @@ writes ever reaches eval/exec. Any malformed answer scores 0, never an exception
 import itertools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import lru_cache
 
@@ -187,16 +187,22 @@ class _Parser:
         return Fraction(self.used[-1])
 
 
+def _flag(default, help, choices=None):
+    """A field that is also a train.py flag (data.flag's convention: metadata help and choices)."""
+    return field(default=default, metadata=dict(help=help, choices=choices))
+
+
 @dataclass
 class CountdownTask:
     """Countdown: numbers;target= -> written steps (or one expression) using each number once."""
-    n_numbers: int = 3
-    max_number: int = 20
-    max_target: int = 100
+    n_numbers: int = _flag(3, "how many numbers (2-4)")
+    max_number: int = _flag(20, "numbers are drawn from 1..max_number")
+    max_target: int = _flag(100, "targets are in 1..max_target")
+    format: str = _flag("steps", "steps (written steps: 25-7=18,18*3=54) | expression ((25-7)*3)",
+                        choices=("steps", "expression"))
+    number_tokens: bool = _flag(True, "one token per number below 1000 (off: one per character)")
     name: str = "countdown"
     max_answer_chars: int = 64  # longer answers score 0 (and keep parsing cheap)
-    format: str = "steps"  # steps | expression (module docstring)
-    number_tokens: bool = True  # one token per number (Tokenizer), or one per character
 
     def __post_init__(self):
         if self.n_numbers not in (2, 3, 4) or self.max_number < 1 or self.max_target < 1:
@@ -244,6 +250,11 @@ class CountdownTask:
     def answers(self, prompt):
         nums, target = self.parse_prompt(prompt)
         return self.solutions(tuple(sorted(nums))).get(target, [])
+
+    def sample_answer(self, prompt, g):
+        """Ground truth: uniform over every valid answer."""
+        answers = self.answers(prompt)
+        return answers[randint(0, len(answers) - 1, g)]
 
     def reward(self, prompt, response):
         nums, target = self.parse_prompt(prompt)

@@ -16,11 +16,11 @@ mirror (default): the prompt is n random digits and '='; a correct answer names 
     so it cannot make its digits depend on the sign it wrote: it is *misspecified*. It can
     still represent one mode perfectly (always "+", then copy position t: a fixed positional
     lookup), so the misspecification is *reward-relative*: some high-reward behaviour is in
-    reach (README, "How misspecified is the student?", measures it per answer position).
+    reach (RESULTS.md, "How misspecified is the student?", measures it per answer position).
     --no-sign drops the sign: the direction is then implicit in the first digit, and
     keeping to it at the second digit needs an equality test (is the first digit d_0 or
-    d_{n-1}?) that a 2-layer model learns late or never on some seeds (README, "Training that
-    converges").
+    d_{n-1}?) that a 2-layer model learns late or never on some seeds (RESULTS.md, "Training
+    that converges").
 pointer (the horizon task): the prompt is n >= 10 random digits and '='; the answer reads H
     digits, either copying them (``+``: d_0 d_1 ...) or following each one as a pointer into
     the prompt (``-``: d[d_0] d[d_1] ...): ``3141592653= -> +3141`` or ``-1432``. Copying is a
@@ -42,7 +42,7 @@ answers; countdown's (countdown.py) parses it with exact rational arithmetic, an
 model writes ever reaches eval/exec. Any malformed answer scores 0, never an exception.
 """
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import tiktoken
 import torch
@@ -60,7 +60,7 @@ class Tokenizer:
     downloaded files; this one needs nothing). One token per character, or with numbers=True
     one token per number below 1000, as GPT-4's tokenizer splits digits into runs of up to
     three: countdown's arithmetic is then a lookup on whole numbers, not carries across digit
-    tokens (README, "Countdown")."""
+    tokens (RESULTS.md, "Countdown")."""
 
     def __init__(self, alphabet=ALPHABET, numbers=False):
         self.alphabet, self.chars = alphabet, set(alphabet)
@@ -136,9 +136,37 @@ def collate(rows, tok):
 
 
 # ----------------------------------------------------------------------------- tasks
-class _Digits:
+def flag(default, help, choices=None):
+    """A task field that is also a train.py flag (--name, in the task's --help group): its
+    default, one line of help, and its choices. Fields without it are internal."""
+    return field(default=default, metadata=dict(help=help, choices=choices))
+
+
+class Task:
+    """What every task gives: sample_prompt(g), answers(prompt) (every valid answer),
+    max_prompt_len, max_response_len, n_prompts (distinct prompts), and these two, which a task
+    may override: the verifier, and the ground-truth sampler the expert trains on."""
+
+    def reward(self, prompt, response):
+        return float(response in self.answers(prompt))
+
+    def sample_answer(self, prompt, g):
+        """Ground truth: uniform over *all* valid answers, so the expert learns every mode."""
+        answers = self.answers(prompt)
+        return answers[randint(0, len(answers) - 1, g)]
+
+
+class _Digits(Task):
     """What mirror and pointer share: a prompt of `digits` random digits and '=', an answer of
-    a sign (optional) and H digits, reward 1 for any of the task's valid answers."""
+    a sign (optional) and H digits, and the weight of the "+" mode in the expert's ground truth."""
+
+    def check(self, min_digits):
+        if self.digits < min_digits:
+            raise UsageError(f"{self.name} needs at least {min_digits} digits")
+        if not 1 <= self.answer_len <= self.digits:
+            raise UsageError(f"{self.name} answer length must be in 1..{self.digits}")
+        if not 0 < self.mode_weight < 1 or (self.mode_weight != 0.5 and not self.sign):
+            raise UsageError("--mode-weight is a probability in (0, 1), for a task with a sign")
 
     @property
     def max_prompt_len(self):
@@ -155,24 +183,31 @@ class _Digits:
     def sample_prompt(self, g):
         return "".join(str(randint(0, 9, g)) for _ in range(self.digits)) + "="
 
-    def reward(self, prompt, response):
-        return float(response in self.answers(prompt))
+    def sample_answer(self, prompt, g):
+        """The "+" answer with probability mode_weight (the weight of the mode the 1-layer
+        student can represent; toy.py, the mode-weight law); at 1/2, uniform over the answers."""
+        if self.mode_weight == 0.5:
+            return super().sample_answer(prompt, g)
+        plus, minus = self.answers(prompt)
+        return plus if float(torch.rand(1, generator=g)) < self.mode_weight else minus
+
+
+SIGN = "the answer starts with + or - naming its mode (off: implicit)"
+MODE_WEIGHT = "the expert's ground truth is the + answer with this probability"
 
 
 @dataclass
 class MirrorTask(_Digits):
     """Name a direction, then read H digits from that end of an n-digit prompt (module docstring)."""
-    digits: int = 5
-    answer_len: int = 0  # H; 0 means H = digits
-    sign: bool = True  # the answer starts with + (forward) or - (backward)
+    digits: int = flag(5, "prompt digits")
+    answer_len: int = flag(0, "answer digits H (0: mirror reads all of them)")
+    sign: bool = flag(True, SIGN)
+    mode_weight: float = flag(0.5, MODE_WEIGHT)
     name: str = "mirror"
 
     def __post_init__(self):
-        if self.digits < 2:
-            raise UsageError("mirror needs at least 2 digits")
         self.answer_len = self.answer_len or self.digits
-        if not 1 <= self.answer_len <= self.digits:
-            raise UsageError(f"mirror answer length must be in 1..{self.digits}")
+        self.check(min_digits=2)
 
     def answers(self, prompt):
         d, H = prompt[:-1], self.answer_len
@@ -184,17 +219,15 @@ class MirrorTask(_Digits):
 @dataclass
 class PointerTask(_Digits):
     """Copy H digits, or follow each as a pointer into the prompt (module docstring)."""
-    digits: int = 10
-    answer_len: int = 1  # H
-    sign: bool = True  # the answer starts with + (copy) or - (pointer)
+    digits: int = flag(10, "prompt digits")
+    answer_len: int = flag(1, "answer digits H")
+    sign: bool = flag(True, SIGN)
+    mode_weight: float = flag(0.5, MODE_WEIGHT)
+    copy: bool = flag(True, "+ copies (off: + and - both follow pointers, neither in a 1-layer student's reach)")
     name: str = "pointer"
-    copy: bool = True  # False: + follows the pointers too, and - follows them from the far end (d[n-1-d_i])
 
     def __post_init__(self):
-        if self.digits < 10:
-            raise UsageError("pointer needs at least 10 digits (every digit must name a place)")
-        if not 1 <= self.answer_len <= self.digits:
-            raise UsageError(f"pointer answer length must be in 1..{self.digits}")
+        self.check(min_digits=10)  # every digit must name a place
 
     def answers(self, prompt):
         d, H = prompt[:-1], self.answer_len
@@ -206,35 +239,25 @@ class PointerTask(_Digits):
         return sorted({first, second})
 
 
-TASKS = ("mirror", "pointer", "countdown")
-# fields a task gained after checkpoints were saved, at the default that does what the code did before
-ADDED_TASK_FIELDS = dict(pointer=dict(copy=True))
+# Every task, by its --task name. A task is a dataclass whose flag() fields are its flags:
+# train.py builds --task's choices, the flags and their --help from this dict alone.
+TASKS = dict(mirror=MirrorTask, pointer=PointerTask, countdown=CountdownTask)
 
 
-def saved_task(fields):
-    """A checkpoint's task fields, with those added since it was saved at their old meaning."""
-    return {**ADDED_TASK_FIELDS.get(fields.get("name"), {}), **fields}
-
-
-def task_tokenizer(task):
-    """The tokenizer a task's checkpoints use: whole numbers for countdown (number_tokens)."""
-    return Tokenizer(numbers=getattr(task, "number_tokens", False))
+def task_flags(name):
+    """{field: dataclasses.Field} of the task's flags."""
+    return {f.name: f for f in fields(TASKS[name]) if "help" in f.metadata}
 
 
 def make_task(name, **kwargs):
     if name not in TASKS:
         raise UsageError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
-    return dict(mirror=MirrorTask, pointer=PointerTask, countdown=CountdownTask)[name](**kwargs)
+    return TASKS[name](**kwargs)
 
 
-def sample_answer(task, prompt, g, plus=0.5):
-    """Ground truth: uniform over *all* valid answers, so the expert learns every mode. plus: on
-    a signed mirror or pointer task, the probability of the "+" answer instead (the weight of
-    the mode the 1-layer student can represent; toy.py, the mode-weight law)."""
-    answers = task.answers(prompt)
-    if plus != 0.5:
-        return answers[0] if float(torch.rand(1, generator=g)) < plus else answers[1]
-    return answers[randint(0, len(answers) - 1, g)]
+def task_tokenizer(task):
+    """The tokenizer a task's checkpoints use: whole numbers for countdown (number_tokens)."""
+    return Tokenizer(numbers=getattr(task, "number_tokens", False))
 
 
 # ----------------------------------------------------------------------------- prompts and seeds

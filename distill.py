@@ -28,7 +28,6 @@ import time
 import torch
 
 from data import collate, decode_responses, encode_prompts
-from errors import UsageError
 from kernels import IGNORE, token_divergence, token_logprobs
 from model import response_hidden, unwrap
 
@@ -51,9 +50,10 @@ def rollouts(student, expert, prompt_texts, tok, task, cfg, generator, device):
     return dict(**batch, on_policy=torch.arange(len(prompt_texts), device=device) >= n, texts=prompt_texts)
 
 
-def scores(run, expert, batch, cfg):
+def hidden_states(run, expert, batch):
     """The student's and the expert's final hidden states at every response position of the
-    batch, flattened to [B*R, d], and the targets (IGNORE on padding)."""
+    batch, flattened to [B*R, d], and the response tokens as targets (IGNORE on padding). The
+    kernels turn them into log-probs and divergences without materialising [B*R, V] logits."""
     prompt, pvalid, resp, rmask = batch["prompt"], batch["prompt_valid"], batch["response"], batch["response_mask"]
     with run.autocast():
         with torch.no_grad():
@@ -67,27 +67,32 @@ def online_loss(run, expert, batch, cfg):
     and D [B, R], the per-token divergence (logged as kl)."""
     mask, T = batch["response_mask"], cfg.temperature
     own = batch["on_policy"][:, None] & mask  # the REINFORCE term: the student's own rows only
-    h, h_e, targets = scores(run, expert, batch, cfg)
+    h, h_e, targets = hidden_states(run, expert, batch)
     W, valid = unwrap(run.model).unembedding, mask.flatten()
-    # D_t: the full-vocabulary divergence at each of the student's prefixes (reverse KL by default)
+    # D_t = sum_v q(v) (log q(v) - log p(v)): the full-vocabulary reverse KL at each of the student's
+    # prefixes, q the student's softmax and p the expert's at temperature T (or --divergence's)
     D = torch.zeros(mask.shape, device=mask.device)
     D[mask] = token_divergence(h[valid], W, (h_e[valid], expert.unembedding), cfg.divergence, beta=cfg.beta,
                                temperature=T, fused=cfg.fused)
-    logq = token_logprobs(h, W, targets, temperature=T, fused=cfg.fused).view(mask.shape)  # log pi_s(y_t)
+    logq = token_logprobs(h, W, targets, temperature=T, fused=cfg.fused).view(mask.shape)  # log q(y_t)
     # the return of each token: what writing it cost later, sum_{t>s} gamma^(t-s) D_t (no gradient)
     returns = returns_to_go(D.detach(), mask, cfg.gamma, include_current=False)
     # the advantage: minus the leave-one-out mean of the other rows' returns there, / its std
     adv = advantages(returns, own, cfg.baseline, cfg.normalize_adv, total=run.global_sum if run.world > 1 else None)
+    # + adv * log q: the return is a cost (KL still to come), so descending this lowers the
+    # probability of the tokens whose future costs more than the other rows' did
     return D * mask + adv * logq * own, D
 
 
 def sampled_token_loss(run, expert, batch, cfg):
     """The sampled-token estimator (--estimator sampled; Thinking Machines' recipe at gamma=0):
-    the cost of each token is log pi_s(y_t) - log pi_e(y_t), the one-sample estimate of D_t, and
-    only the REINFORCE term is left, with return sum_{t>=s} gamma^(t-s) cost_t. No
-    full-vocabulary term in the gradient; D is computed for the log only."""
+    the cost of each token is k1 = log q(y_t) - log p(y_t), the one-sample estimate of D_t, and
+    only the REINFORCE term is kept, with return sum_{t>=s} gamma^(t-s) cost_t. The cost's own
+    gradient is dropped because for k1 it is E_q[grad log q(y_t)] = 0 (a score function has mean
+    zero); for another cost (k3 = p/q - 1 - log(p/q)) it is not, and dropping it is biased, which
+    tests/test_distill.py's exact-gradient test detects. D is computed for the log only."""
     mask, T = batch["response_mask"], cfg.temperature
-    h, h_e, targets = scores(run, expert, batch, cfg)
+    h, h_e, targets = hidden_states(run, expert, batch)
     W, valid = unwrap(run.model).unembedding, mask.flatten()
     with torch.no_grad():
         D = torch.zeros(mask.shape, device=mask.device)
@@ -97,6 +102,9 @@ def sampled_token_loss(run, expert, batch, cfg):
     logq = token_logprobs(h, W, targets, temperature=T, fused=cfg.fused).view(mask.shape)
     returns = returns_to_go((logq.detach() - logp) * mask, mask, cfg.gamma, include_current=True)
     return advantages(returns, mask, cfg.baseline, cfg.normalize_adv, total=run.global_sum if run.world > 1 else None) * logq, D
+
+
+LOSSES = dict(full=online_loss, sampled=sampled_token_loss)  # --estimator
 
 
 def returns_to_go(cost, mask, gamma, include_current):
@@ -144,31 +152,31 @@ def advantages(returns, mask, baseline=True, normalize=True, std_floor=1.0, tota
 
 
 def train(run, expert, prompts, tok, task, cfg):
-    """Online IL. `run` (runtime.py) owns the model, optimizer, logging, checkpoints and ranks;
-    this loop holds the algorithm."""
+    """Online IL: the whole loop. `run` (runtime.py) does the mechanics each line names: the
+    schedule, backward/clip/step, logs, the held-out check, checkpoints, Ctrl-C."""
     B = cfg.batch_size // run.world
-    loss = sampled_token_loss if cfg.estimator == "sampled" else online_loss
-    for step in run.steps():
-        # ---- states: the student's own rollouts (online); the expert scores every token
-        t0 = time.time()
-        try:
-            with run.autocast():
+    loss_fn = LOSSES[cfg.estimator]
+    with run:  # Ctrl-C from here on: finish the step, save, exit 130
+        for step in range(run.start, run.total):
+            lr = run.set_lr(step)  # --warmup, then --lr-schedule
+            # ---- states: the student's own rollouts (online); the expert scores every token
+            t0 = time.time()
+            with run.autocast(), run.stop_on_overflow("while sampling"):  # weights that diverged: one line
                 batch = rollouts(unwrap(run.model), expert, prompts.batch(B), tok, task, cfg, run.sample_gen, run.device)
-            overflow = 0
-        except FloatingPointError:  # the last step made weights whose logits overflow
-            overflow = 1
-        if run.global_sum(torch.tensor(overflow)) > 0:  # every rank stops, as in run.optimize()
-            raise UsageError(f"non-finite logits while sampling at step {step + 1} of {run.name} (the weights have "
-                             f"diverged); {run.kept()}")
-        # ---- loss: sequence-level reverse KL = per-token KL at fixed prefixes + REINFORCE
-        per_token, D = loss(run, expert, batch, cfg)
-        rmask, own = batch["response_mask"], batch["on_policy"]
-        n_tokens = run.global_sum(rmask.sum())
-        objective = per_token.sum() / n_tokens * run.world  # DDP averages over ranks
-        grad_norm = run.optimize(objective)
-        own_rows = own.nonzero().flatten().tolist()  # one copy to the host, not one sync per row
-        texts = [batch["texts"][i] for i in own_rows]
-        reward = sum(map(task.reward, texts, decode_responses(tok, batch["response"][own], rmask[own]))) / len(texts)
-        run.log(step, loss=objective.item(), grad_norm=grad_norm, reward=reward,
-                kl=D.detach().sum(1)[own].mean().item(), student_tokens=int(run.global_sum(rmask[own].sum())),
-                expert_tokens=int(n_tokens), tok_per_s=int(rmask.sum()) / (time.time() - t0 + 1e-9))
+            # ---- loss: sequence-level reverse KL = per-token KL at fixed prefixes + REINFORCE
+            per_token, D = loss_fn(run, expert, batch, cfg)
+            rmask, own = batch["response_mask"], batch["on_policy"]
+            n_tokens = run.global_sum(rmask.sum())
+            objective = per_token.sum() / n_tokens * run.world  # DDP averages over ranks
+            grad_norm = run.optimize(objective)  # backward, clip, step; stops on a non-finite loss
+            # ---- log (the student's own rows, over every rank), held-out check, checkpoint
+            texts = [batch["texts"][i] for i in own.nonzero().flatten().tolist()]  # one copy to the host
+            rewards = map(task.reward, texts, decode_responses(tok, batch["response"][own], rmask[own]))
+            n_rows, reward, kl = run.global_sum(torch.tensor([len(texts), sum(rewards), D.detach().sum(1)[own].sum().item()],
+                                                             dtype=torch.float64)).tolist()
+            run.log(step, lr=lr, loss=objective.item(), grad_norm=grad_norm, reward=reward / n_rows, kl=kl / n_rows,
+                    student_tokens=int(run.global_sum(rmask[own].sum())), expert_tokens=int(n_tokens),
+                    tok_per_s=int(rmask.sum()) / (time.time() - t0 + 1e-9))
+            converged = run.held_out_check(step)  # every --eval-every steps
+            if run.checkpoint(step, converged):  # at the end and on Ctrl-C; every --save-every steps
+                break

@@ -1,4 +1,4 @@
-"""The metrics, how results are shown (tables, text plots, report.md), and one checkpoint's evaluation.
+"""The metrics, the result as a person reads it, and one checkpoint's evaluation.
 
     python eval.py out/mirror/onpolicy-small-g1.pt    # one checkpoint: metrics + samples, against the
                                                      # expert.pt beside it (its fingerprint must match)
@@ -19,17 +19,14 @@ Metrics (held-out prompts, disjoint from training prompts):
 """
 import json
 import os
-import platform
-import subprocess
 import sys
-import time
 from dataclasses import asdict
 
 import torch
 
 from countdown import countdown_mistakes
 from data import (PROMPT_STREAMS, PromptStream, decode_responses, encode_prompts, encode_responses, eval_prompts,
-                  make_task, saved_task, seed_for, task_tokenizer)
+                  make_task, seed_for, task_tokenizer)
 from errors import OneLineParser, UsageError
 from model import fingerprint, load_checkpoint, response_logprobs
 
@@ -162,59 +159,18 @@ def reward_curve(metrics_paths, width=24):
     return f"[{sparkline(picks)}] {mean[0]:.2f} -> {mean[-1]:.2f} by step {series[0][n - 1]['step']}"
 
 
-# ----------------------------------------------------------------------------- tables and reports
-def mean_std(xs):
-    t = torch.tensor(xs, dtype=torch.float64)
-    return f"{t.mean():.3f} ± {t.std() if len(xs) > 1 else 0:.3f}"
-
-
-def table(corner, rows, columns, cell):
-    """A fixed-width text table as a list of lines; rows, columns: labels; cell(row, column) -> text."""
-    width = max(len(corner), *(len(r) for r in rows)) + 1
-    widths = [max(15, len(c)) for c in columns]
-    lines = [f"{corner:<{width}}| " + " | ".join(f"{c:^{w}}" for c, w in zip(columns, widths))]
-    lines += [f"{r:<{width}}| " + " | ".join(f"{cell(r, c):^{w}}" for c, w in zip(columns, widths)) for r in rows]
-    return lines
-
-
-class Report:
-    """What an experiment prints, kept to be written as report.md at the end (for a slide or
-    a course page): each section's title and its text block, the command, wall time, machine
-    and commit."""
-
-    def __init__(self, title):
-        self.title, self.sections, self.t0 = title, [], time.time()
-
-    def add(self, heading, lines):
-        print(f"\n{heading}\n" + "\n".join(lines), flush=True)
-        self.sections.append((heading, lines))
-
-    def write(self, folder, name="report.md"):
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-        except OSError:
-            commit = "unknown"
-        head = [f"# {self.title}", "", f"- command: `python {' '.join(sys.argv)}`",
-                f"- wall time: {(time.time() - self.t0) / 60:.1f} min", f"- machine: {machine()}",
-                f"- commit: {commit}", ""]
-        body = [x for h, lines in self.sections for x in (f"## {h}", "", "```", *lines, "```", "")]
-        path = os.path.join(folder, name)
-        os.makedirs(folder, exist_ok=True)
-        with open(path, "w") as f:
-            f.write("\n".join(head + body))
-        print(f"\nwrote {path}")
-
-
-def machine():
-    cpu = platform.processor() or platform.machine()
+def checkpoint_task(path, ck):
+    """The task and tokenizer a checkpoint was made for; one made by an older version of a task or
+    tokenizer (other fields) is one line."""
+    fields = {k: v for k, v in ck["task"].items() if k != "name"}
     try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+        task = make_task(ck["task"]["name"], **fields)
+    except TypeError:  # a field the task no longer has
+        task = None
+    tok = task and task_tokenizer(task)
+    if task is None or tok.identity != ck["tokenizer"] or asdict(task) != ck["task"]:
+        raise UsageError(f"{path}: made by an older version of the task or tokenizer ({ck['task']}); train it again")
+    return task, tok
 
 
 def main(argv=None):
@@ -234,11 +190,7 @@ def main(argv=None):
     if ck["name"] != "expert" and ck.get("expert") != fingerprint(expert):  # a retrained or another expert
         raise UsageError(f"{expert_path} (fingerprint {fingerprint(expert)}) is not the expert {a.checkpoint} "
                          f"was trained against ({ck.get('expert') or 'none recorded'}); name that one with --expert")
-    task = make_task(ck["task"]["name"], **{k: v for k, v in ck["task"].items() if k != "name"})
-    tok = task_tokenizer(task)
-    if tok.identity != ck["tokenizer"] or asdict(task) != saved_task(ck["task"]):  # e.g. countdown before number tokens
-        raise UsageError(f"{a.checkpoint} was made by an older version of the task or tokenizer "
-                         f"({ck['tokenizer'][:8]}..., {ck['task']}); train it again")
+    task, tok = checkpoint_task(a.checkpoint, ck)
     prompts = eval_prompts(task, ck["config"]["eval_prompts"], seed=seed_for(ck["seed"], "held-out"))
     print(describe(a.checkpoint, evaluate(model, expert, tok, task, prompts, seed=ck["seed"]), len(prompts)))
     if a.draws:

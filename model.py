@@ -219,14 +219,25 @@ def make_model(size, block_size, vocab_size, seed):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+def write_atomic(path, write):
+    """write(tmp) writes the file at a temporary path beside `path`, which then replaces `path`
+    in one rename: a reader (a resumed run, the experiments' "done" check) never sees half a
+    file, and a write that fails leaves the old file as it was."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_checkpoint(path, model, **extra):
-    """Atomic save: write a temporary file beside the target, then rename over it, so a
-    crash mid-write never leaves a damaged checkpoint where a good one was."""
+    """The model, its shape and `extra`, written atomically: a crash mid-write never leaves a
+    damaged checkpoint where a good one was."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     state = {**extra, "model": model.state_dict(), "model_args": asdict(model.cfg)}
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def fingerprint(model):

@@ -1,12 +1,14 @@
-"""What every training loop needs besides its algorithm, in one place.
+"""The mechanics every training loop calls, so that sft.train and distill.train hold the algorithm.
 
 setup(cfg) -> env: device (CUDA when present), torch.distributed ranks when launched by
     torchrun (gloo on CPU, NCCL on CUDA), threads, output folder, tokenizer, task, held-out
     prompts.
-Run: the optimizer and its schedule, progress lines and metrics.jsonl, atomic checkpoints with
-    RNG states (--resume continues exactly), Ctrl-C (save at the end of the step, then exit),
-    and a non-finite loss or gradient (stop before the step, keep the last good checkpoint).
-The loops in sft.py and distill.py receive a Run and hold only the algorithm.
+differences, load_fitting: whether a checkpoint (or a finished run's result) was made by the run
+    asked for, from the flags that change it (train.Config, changes=).
+Run: the optimizer and the learning-rate schedule (SCHEDULES), progress lines and metrics.jsonl,
+    atomic checkpoints with RNG states (--resume continues exactly), Ctrl-C (save at the end of
+    the step, then exit 130), a non-finite loss or gradient (stop before the step, keep the last
+    good checkpoint), the held-out check and --stop-at, and the votes of the ranks under torchrun.
 """
 import contextlib
 import json
@@ -15,23 +17,15 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from data import PromptStream, eval_prompts, make_task, seed_for, task_tokenizer
 from errors import UsageError
-from model import load_checkpoint, make_model, save_checkpoint
-
-
-def build_task(cfg):
-    if cfg.task == "mirror":
-        return make_task("mirror", digits=cfg.digits or 5, answer_len=cfg.answer_len, sign=cfg.sign)
-    if cfg.task == "pointer":
-        return make_task("pointer", digits=cfg.digits or 10, answer_len=cfg.answer_len or 1, sign=cfg.sign, copy=cfg.copy)
-    return make_task("countdown", n_numbers=cfg.n_numbers, max_number=cfg.max_number, max_target=cfg.max_target,
-                     format=cfg.countdown_format, number_tokens=cfg.number_tokens)
+from model import load_checkpoint, make_model, save_checkpoint, write_atomic
 
 
 def setup(cfg):
@@ -48,7 +42,7 @@ def setup(cfg):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    task = build_task(cfg)
+    task = make_task(cfg.task, **cfg.task_args)
     tok = task_tokenizer(task)
     out = os.path.join(cfg.out_dir, cfg.task)
     try:
@@ -71,6 +65,42 @@ def setup(cfg):
                 task_id=dict(asdict(task)), held_out=held_out)
 
 
+# ----------------------------------------------------------------------------- is this the run asked for?
+def flag_name(field_name):
+    return "--" + field_name.replace("_", "-")
+
+
+# a run of each kind depends on the flags that change it and those that change the runs it learns from
+UPSTREAM = dict(expert=("expert",), base=("expert", "base"), sft=("expert", "base", "students", "sft"),
+                onpolicy=("expert", "base", "students", "onpolicy"))
+
+
+def differences(made, cfg, kind, resuming=False):
+    """The flags on which a run of `kind` made with the config `made` (a checkpoint's or a
+    result.json's) differs from cfg, as "--flag MADE (this run: WANTED)": every flag whose
+    `changes` (train.Config) is upstream of kind; resuming: not the step budgets, which --resume
+    may extend. A flag `made` does not record means it was made by an older version: one line."""
+    out = []
+    for f in fields(cfg):
+        when = f.metadata.get("when")
+        if f.metadata.get("changes") not in UPSTREAM[kind] or (when and not getattr(cfg, when)):
+            continue
+        if resuming and f.metadata.get("budget"):
+            continue
+        want = getattr(cfg, f.name)
+        if isinstance(want, dict):  # task_args: the task's flags, one by one
+            pairs = [(k, made.get(f.name, {}).get(k, MISSING), v) for k, v in want.items()]
+        else:
+            pairs = [(f.name, made.get(f.name, MISSING), want)]
+        for name, was, now in pairs:
+            if was is MISSING:
+                raise UsageError(f"made by an older version of this code ({flag_name(name)} not recorded): train "
+                                 f"it again, or give this run another --out-dir")
+            if was != now:
+                out.append(f"{flag_name(name)} {was} (this run: {now})")
+    return out
+
+
 def identity(env, model_cfg, expert_id):
     """What a checkpoint must match to be loaded by this run: task, tokenizer, model shape, and
     the fingerprint of the expert it learned from (None for the expert itself), so a retrained
@@ -78,29 +108,50 @@ def identity(env, model_cfg, expert_id):
     return dict(task=env["task_id"], tokenizer=env["tok"].identity, model_args=asdict(model_cfg), expert=expert_id)
 
 
+def load_fitting(path, cfg, env, kind, model_cfg, expert_id, device=None, resuming=False, **expect):
+    """The model and checkpoint at `path` if it fits this run: its identity (task, tokenizer,
+    shape model_cfg, expert; and `expect`), and for kind ("expert", "base", "sft", "onpolicy"; None:
+    the identity alone) every flag that changes that run. Anything else is one UsageError line."""
+    model, ck = load_checkpoint(path, expect=dict(identity(env, model_cfg, expert_id), **expect),
+                                device=device or env["device"])
+    if kind is not None:
+        try:
+            diff = differences(ck.get("config", {}), cfg, kind, resuming)
+        except UsageError as e:
+            raise UsageError(f"{path}: {e}") from None
+        if diff:
+            raise UsageError(f"{path} was trained with {'; '.join(diff)}: give this run another --out-dir "
+                             f"(or delete the file to train it again)")
+    return model, ck
+
+
+# ----------------------------------------------------------------------------- the learning rate
+# After a linear warmup, the schedule's factor of the peak learning rate at `done` of `length` steps.
+SCHEDULES = dict(
+    cosine=lambda done, length: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done / length)),  # down to 10%
+    constant=lambda done, length: 1.0,
+)
+
+
+def lr_factor(step, total, schedule, warmup):
+    if step < warmup:
+        return (step + 1) / warmup
+    return SCHEDULES[schedule](step - warmup, max(1, total - warmup))
+
+
+# ----------------------------------------------------------------------------- the run
+def rank0_print(env, *a):
+    if env["rank"] == 0:
+        print(*a, flush=True)
+
+
 def exit_distributed(code=0):
-    """End a torchrun rank without Python's interpreter teardown. gloo's worker thread drops its
-    last reference to a finished collective (and the tensors in it) a moment after the collective
-    returns; if that falls inside Py_FinalizeEx, freeing those tensors takes the GIL of a finalizing
-    interpreter and the thread's forced unwind calls std::terminate ("terminate called without an
-    active exception", SIGABRT: seen in gdb on a core of a failed run, 3 of 20 runs under load).
-    Everything this run writes is closed by then, so flush and leave at once."""
+    """End a torchrun rank without Python's interpreter teardown: gloo's worker thread may free a
+    finished collective's tensors while the interpreter finalizes, which aborts the process
+    (SIGABRT). Everything this run writes is closed by then, so flush and leave at once."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def write_atomic(path, text):
-    """Write a temporary file beside `path`, then rename it over `path`: a reader (the grid's
-    "done" check, a resumed run) never sees half a file, and a failed write leaves nothing."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _step_of(line):
@@ -111,29 +162,17 @@ def _step_of(line):
         return math.inf
 
 
-def rank0_print(env, *a):
-    if env["rank"] == 0:
-        print(*a, flush=True)
-
-
-def lr_factor(step, total, warmup=50):
-    """Linear warmup, then cosine decay to 10% of the peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 class Run:
-    """What every loop needs besides its algorithm: the optimizer and its schedule, progress lines
-    and metrics.jsonl, checkpoints, --resume and Ctrl-C, and the ranks under torchrun.
-    prompts: the PromptStream the loop draws from (its generator is checkpointed); expert_id: the
-    fingerprint of the expert this model learns from (None for the expert itself); eval_reward:
-    eval_reward(model, prompts, seed) -> held-out reward, logged every --eval-every steps; stop_at:
-    end the run at the first of those checks at or above it (0: never), a run that converged."""
+    """What a loop needs besides its algorithm. kind: expert, base, sft or onpolicy (which flags a
+    --resume must share); name: the checkpoint's; lr: the peak learning rate; prompts: the
+    PromptStream the loop draws from (its generator is checkpointed); expert_id: the fingerprint
+    of the expert this model learns from (None for the expert itself); eval_reward(model, prompts,
+    seed) -> the held-out reward of a check; stop_at: end the run at the first check at or above
+    it (0: never), a run that converged. `with run:` installs the Ctrl-C handler for the loop."""
 
-    def __init__(self, cfg, env, name, model, total_steps, lr, prompts=None, expert_id=None, eval_reward=None,
+    def __init__(self, cfg, env, kind, name, model, total_steps, lr, prompts=None, expert_id=None, eval_reward=None,
                  stop_at=0.0):
-        self.cfg, self.env, self.name, self.total, self.lr = cfg, env, name, total_steps, lr
+        self.cfg, self.env, self.kind, self.name, self.total, self.lr = cfg, env, kind, name, total_steps, lr
         self.prompts, self.expert_id, self.eval_reward, self.stop_at = prompts, expert_id, eval_reward, stop_at
         self.converged = False  # stopped early at a held-out check >= stop_at: finished, like step == total
         self.device, self.rank, self.world = env["device"], env["rank"], env["world"]
@@ -143,8 +182,8 @@ class Run:
         # a run that fails before its first checkpoint leaves a finished run's files as they were
         self.rows = f"{self.metrics}.part.{os.getpid()}"
         self.raw = self.model = model
-        # weight decay on the matrices of the linear layers only; not on biases, LayerNorm gains
-        # or the (tied) embeddings, as in nanoGPT. Two groups even at decay 0 (the default).
+        # weight decay on the matrices of the linear layers only; not on biases, LayerNorm gains or
+        # the (tied) embeddings, which only ever meet one token at a time. Two groups even at decay 0.
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(("wte", "wpe"))]
         rest = [p for p in model.parameters() if all(p is not q for q in decay)]
         self.opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay),
@@ -164,14 +203,14 @@ class Run:
             if self.start and os.path.exists(self.metrics):
                 with open(self.metrics) as f:
                     rows = [line for line in f if _step_of(line) <= self.start]
-            write_atomic(self.rows, "".join(rows))
+            write_atomic(self.rows, lambda tmp: Path(tmp).write_text("".join(rows)))
 
     def resume(self):
         # read on the CPU: generator states must be CPU ByteTensors (the prompt stream's generator
         # lives on the CPU even on a GPU run); load_state_dict copies weights and optimizer state
-        # to the model's device. The run it continues must be this one: same identity and seed.
-        _, ck = load_checkpoint(self.path, expect=dict(identity(self.env, self.raw.cfg, self.expert_id), name=self.name,
-                                                       seed=self.cfg.seed), device="cpu")
+        # to the model's device. The run it continues must be this one: its name, seed and flags.
+        _, ck = load_fitting(self.path, self.cfg, self.env, self.kind, self.raw.cfg, self.expert_id, device="cpu",
+                             resuming=True, name=self.name)
         if len(ck["rng"]["sample"]) != self.world:  # each rank resumes its own sampling stream
             raise UsageError(f"{self.path} was saved by {len(ck['rng']['sample'])} rank(s): resume it with as many "
                              f"(torchrun --nproc_per_node {len(ck['rng']['sample'])}), not {self.world}")
@@ -181,65 +220,47 @@ class Run:
         if self.prompts is not None:
             self.prompts.g.set_state(ck["rng"]["prompts"][self.rank])
         self.start, self.totals, self.saved = ck["step"], ck["totals"], ck["step"]
-        # finished early at a check >= --stop-at: --resume trains it no further, unless it asks for
-        # another --stop-at (then it goes on from there, as a run asking for more steps does; only
-        # --mode expert gets here: train.load_finished refuses a base made with another --stop-at)
-        self.converged = ck.get("converged", False) and ck.get("config", {}).get("stop_at") == self.cfg.stop_at
+        self.converged = ck.get("converged", False)
         rank0_print(self.env, f"resumed {self.path} at step {self.start}")
-        if ck["total"] != self.total:  # allowed (train on for longer), but the lr schedule is another one
+        if self.converged:  # it finished early at a check >= --stop-at: nothing is left to train
+            self.start = self.total
+        elif ck["total"] != self.total:  # allowed (train on for longer), but the lr schedule is another one
             rank0_print(self.env, f"note: {self.path} was a run of {ck['total']} steps, continued as one of "
                                   f"{self.total}: its learning-rate schedule changes from here")
 
-    def steps(self):
-        """Yield step numbers. Checkpoints: at the end and on Ctrl-C at once; every save_every
-        steps once the next step has found the weights good (finite loss and gradient, see
-        optimize), so a checkpoint kept after a divergence is one that trains on."""
-        old = signal.signal(signal.SIGINT, self._on_sigint)  # every rank: torchrun passes Ctrl-C to each
-        try:
-            if self.total == 0:
-                self.save(self.snapshot(0))
-            if self.converged:  # --resume of a run that stopped at convergence: it is finished
-                return
-            for step in range(self.start, self.total):
-                for group in self.opt.param_groups:
-                    group["lr"] = self.lr * lr_factor(step, self.total)
-                self.step = step
-                yield step
-                overflow = converged = 0
-                if self.rank == 0 and self.eval_reward and ((step + 1) % self.cfg.eval_every == 0 or step + 1 == self.total):
-                    try:
-                        reward = self.log_eval(step)
-                        converged = int(bool(self.stop_at) and reward >= self.stop_at)
-                    except FloatingPointError:  # sampling from weights that diverged
-                        overflow = 1
-                # rank 0 alone checks; every rank learns what it found, and they stop together
-                stop, overflow, converged = self.global_sum(torch.tensor([int(self.stop_requested), overflow, converged])) > 0
-                if overflow:  # every rank stops, not rank 0 alone (the others would wait for it for ever)
-                    raise UsageError(f"non-finite logits in the held-out check after step {step + 1} of {self.name} "
-                                     f"(the weights have diverged); {self.kept()}")
-                if converged and step + 1 < self.total:
-                    self.converged = True
-                    rank0_print(self.env, f"{self.name} converged: its held-out check reached {self.stop_at:.3g} "
-                                          f"at step {step + 1} of {self.total} (--stop-at); stopping here")
-                if stop or converged or step + 1 == self.total:  # no later step will check these weights
-                    self.save(self.snapshot(step + 1))
-                elif (step + 1) % self.cfg.save_every == 0:
-                    self.pending = self.snapshot(step + 1)
-                if stop:  # Ctrl-C wins over convergence: the user asked to stop the whole command
-                    rank0_print(self.env, f"interrupted: saved {self.path} at step {step + 1}; continue with --resume")
-                    raise SystemExit(130)
-                if self.converged:
-                    break
-        finally:
-            signal.signal(signal.SIGINT, old)
-            if self.rows != self.metrics and os.path.exists(self.rows):
-                os.remove(self.rows)
+    # ------------------------------------------------------------------ what the loop calls, in order
+    def __enter__(self):
+        self.old_sigint = signal.signal(signal.SIGINT, self._on_sigint)  # every rank: torchrun passes Ctrl-C to each
+        if self.total == 0:  # a run of no steps is finished as it is
+            self.save(self.snapshot(0))
+        return self
 
-    def _on_sigint(self, *_):
-        if self.stop_requested:  # a second Ctrl-C stops at once (the last checkpoint stays)
-            raise KeyboardInterrupt
-        self.stop_requested = True  # the ranks agree on stopping at the step's end (steps())
-        rank0_print(self.env, "\nCtrl-C: saving at the end of this step (again to abort)")
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.old_sigint)
+        if self.rows != self.metrics and os.path.exists(self.rows):
+            os.remove(self.rows)
+        return False
+
+    def set_lr(self, step):
+        """The learning rate of this step (--warmup, then --lr-schedule), set on the optimizer."""
+        self.step = step
+        lr = self.lr * lr_factor(step, self.total, self.cfg.lr_schedule, self.cfg.warmup)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        return lr
+
+    @contextlib.contextmanager
+    def stop_on_overflow(self, where):
+        """Sampling from weights whose logits overflow raises FloatingPointError on one rank: every
+        rank learns of it and they stop together with one line (the others would wait for ever)."""
+        overflow = 0
+        try:
+            yield
+        except FloatingPointError:
+            overflow = 1
+        if self.global_sum(torch.tensor(overflow)) > 0:
+            raise UsageError(f"non-finite logits {where} at step {self.step + 1} of {self.name} (the weights have "
+                             f"diverged); {self.kept()}")
 
     def optimize(self, loss):
         """Backward, clip and step, unless the loss or the gradient is not finite on any rank:
@@ -257,18 +278,6 @@ class Run:
         self.opt.zero_grad(set_to_none=True)
         return norm.item()
 
-    def global_sum(self, x):
-        """x summed over the ranks (a copy of x on one rank)."""
-        x = torch.as_tensor(x, device=self.device).clone()
-        if self.world > 1:
-            dist.all_reduce(x)
-        return x
-
-    def autocast(self):
-        if "cuda" in str(self.device):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def log(self, step, **metrics):
         """One metrics.jsonl row per step; a progress line every --log-every steps. *_tokens
         metrics are summed over the ranks by the caller and accumulate into total_*."""
@@ -284,19 +293,66 @@ class Run:
         if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.total:
             done = step + 1 - self.start
             eta = (time.time() - self.t0) / done * (self.total - step - 1)
-            shown = " | ".join(f"{k} {v:.0f}" if k == "tok_per_s" else f"{k} {v:.4f}"
+            shown = " | ".join(f"{k} {v:.0f}" if k == "tok_per_s" else f"{k} {v:.2e}" if k == "lr" else f"{k} {v:.4f}"
                                for k, v in metrics.items() if not k.endswith("_tokens"))
             print(f"{self.name} step {step + 1}/{self.total} | {shown} | elapsed {time.time() - self.t0:.0f}s "
                   f"| eta {eta:.0f}s", flush=True)
 
-    def log_eval(self, step):
-        """Reward at temperature 1 on a fixed quarter of the held-out prompts: the curve per method."""
-        prompts = self.env["held_out"][:max(1, len(self.env["held_out"]) // 4)]
-        reward = self.eval_reward(self.raw, prompts, step)
-        self.raw.train()
-        with open(self.rows, "a") as f:
-            f.write(json.dumps(dict(step=step + 1, eval_reward=reward)) + "\n")
-        return reward
+    def held_out_check(self, step):
+        """Every --eval-every steps and at the last: rank 0 samples the held-out reward at
+        temperature 1 on a fixed quarter of the held-out prompts (metrics.jsonl: eval_reward, the
+        curve per method). Returns whether it reached --stop-at; every rank gets the same answer."""
+        if not self.eval_reward or not ((step + 1) % self.cfg.eval_every == 0 or step + 1 == self.total):
+            return False
+        reached = 0
+        with self.stop_on_overflow("in the held-out check"):
+            if self.rank == 0:
+                prompts = self.env["held_out"][:max(1, len(self.env["held_out"]) // 4)]
+                reward = self.eval_reward(self.raw, prompts, step)
+                self.raw.train()
+                with open(self.rows, "a") as f:
+                    f.write(json.dumps(dict(step=step + 1, eval_reward=reward)) + "\n")
+                reached = int(bool(self.stop_at) and reward >= self.stop_at)
+        return bool(self.global_sum(torch.tensor(reached)) > 0)
+
+    def checkpoint(self, step, converged=False):
+        """Save at the last step, on convergence and on Ctrl-C; every --save-every steps, hold the
+        snapshot back until the next step has found these weights good (finite loss and gradient:
+        optimize), so a checkpoint kept after a divergence is one that trains on. Ctrl-C then exits
+        130. Returns True when the run is finished early (converged)."""
+        stop = bool(self.global_sum(torch.tensor(int(self.stop_requested))) > 0)  # the ranks stop together
+        last = step + 1 == self.total
+        if converged and not last:
+            self.converged = True
+            rank0_print(self.env, f"{self.name} converged: its held-out check reached {self.stop_at:.3g} at step "
+                                  f"{step + 1} of {self.total} (--stop-at); stopping here")
+        if stop or self.converged or last:  # no later step will check these weights
+            self.save(self.snapshot(step + 1))
+        elif (step + 1) % self.cfg.save_every == 0:
+            self.pending = self.snapshot(step + 1)
+        if stop:  # Ctrl-C wins over convergence: the user asked to stop the whole command
+            rank0_print(self.env, f"interrupted: saved {self.path} at step {step + 1}; continue with --resume")
+            raise SystemExit(130)
+        return self.converged
+
+    # ------------------------------------------------------------------ helpers
+    def _on_sigint(self, *_):
+        if self.stop_requested:  # a second Ctrl-C stops at once (the last checkpoint stays)
+            raise KeyboardInterrupt
+        self.stop_requested = True  # the ranks agree on stopping at the step's end (checkpoint)
+        rank0_print(self.env, "\nCtrl-C: saving at the end of this step (again to abort)")
+
+    def global_sum(self, x):
+        """x summed over the ranks (a copy of x on one process)."""
+        x = torch.as_tensor(x, device=self.device).clone()
+        if self.world > 1:
+            dist.all_reduce(x)
+        return x
+
+    def autocast(self):
+        if "cuda" in str(self.device):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def kept(self):
         return (f"the last good checkpoint is kept ({self.path}, step {self.saved})" if self.saved is not None
@@ -316,11 +372,12 @@ class Run:
         first, self.saved, self.wrote = not self.wrote, snap["step"], True
         if self.rank == 0:
             save_checkpoint(self.path, self.raw, optimizer=self.opt.state_dict(), step=snap["step"], total=self.total,
-                            converged=self.converged, totals=snap["totals"], config=asdict(self.cfg), seed=self.cfg.seed, rng=snap["rng"],
-                            name=self.name, **identity(self.env, self.raw.cfg, self.expert_id))
+                            converged=self.converged, totals=snap["totals"], config=asdict(self.cfg), seed=self.cfg.seed,
+                            rng=snap["rng"], name=self.name, **identity(self.env, self.raw.cfg, self.expert_id))
             if self.rows != self.metrics:  # from now on this run owns metrics.jsonl: its rows go there
                 with open(self.rows) as f:
-                    write_atomic(self.metrics, "".join(line for line in f if _step_of(line) <= snap["step"]))
+                    rows = "".join(line for line in f if _step_of(line) <= snap["step"])
+                write_atomic(self.metrics, lambda tmp: Path(tmp).write_text(rows))
                 os.remove(self.rows)
                 self.rows = self.metrics
             result = os.path.join(self.env["dir"], f"{self.name}.result.json")

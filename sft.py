@@ -52,6 +52,9 @@ def ground_truth_dataset(tok, task, prompt_texts, answers, device):
     return dict(prompt=prompt, prompt_valid=pvalid, response=resp, response_mask=rmask)
 
 
+LOSSES = ("ce", "forward_kl")  # --sft-loss
+
+
 def offline_loss(run, batch, cfg, kind="ce"):
     """Offline IL's per-token loss [B, R] at the expert's states (0 on padding): cross-entropy on
     the expert's tokens, or (kind forward_kl) the full-vocabulary forward KL to the expert's
@@ -70,19 +73,25 @@ def offline_loss(run, batch, cfg, kind="ce"):
 
 
 def train(run, dataset, cfg, loss_kind="ce"):
-    """Offline IL on a fixed dataset. `run` (runtime.py) owns the model, optimizer, logging,
-    checkpoints and ranks; this loop holds the algorithm."""
+    """Offline IL on a fixed dataset: the whole loop. `run` (runtime.py) does the mechanics each
+    line names: the schedule, backward/clip/step, logs, the held-out check, checkpoints, Ctrl-C."""
     B = cfg.batch_size // run.world
-    for step in run.steps():
-        # ---- states: rows of the dataset the expert sampled before training (offline)
-        t0, n = time.time(), dataset["prompt"].shape[0]
-        start = (step * cfg.batch_size + run.rank * B) % n
-        batch = {k: v[torch.arange(start, start + B) % n] for k, v in dataset.items()}
-        # ---- loss: cross-entropy on the expert's tokens (forward KL: mode-covering)
-        per_token = offline_loss(run, batch, cfg, loss_kind)
-        rmask = batch["response_mask"]
-        n_tokens = run.global_sum(rmask.sum())
-        objective = per_token.sum() / n_tokens * run.world  # DDP averages over ranks
-        grad_norm = run.optimize(objective)
-        run.log(step, loss=objective.item(), grad_norm=grad_norm, expert_tokens=int(n_tokens),
-                tok_per_s=int(rmask.sum()) / (time.time() - t0 + 1e-9))
+    with run:  # Ctrl-C from here on: finish the step, save, exit 130
+        for step in range(run.start, run.total):
+            lr = run.set_lr(step)  # --warmup, then --lr-schedule
+            # ---- states: rows of the dataset the expert sampled before training (offline)
+            t0, n = time.time(), dataset["prompt"].shape[0]
+            start = (step * cfg.batch_size + run.rank * B) % n
+            batch = {k: v[torch.arange(start, start + B) % n] for k, v in dataset.items()}
+            # ---- loss: cross-entropy on the expert's tokens (forward KL: mode-covering)
+            per_token = offline_loss(run, batch, cfg, loss_kind)
+            rmask = batch["response_mask"]
+            n_tokens = run.global_sum(rmask.sum())
+            objective = per_token.sum() / n_tokens * run.world  # DDP averages over ranks
+            grad_norm = run.optimize(objective)  # backward, clip, step; stops on a non-finite loss
+            # ---- log, held-out check, checkpoint
+            run.log(step, lr=lr, loss=objective.item(), grad_norm=grad_norm, expert_tokens=int(n_tokens),
+                    tok_per_s=int(rmask.sum()) / (time.time() - t0 + 1e-9))
+            converged = run.held_out_check(step)  # every --eval-every steps: reached --stop-at?
+            if run.checkpoint(step, converged):  # at the end, on convergence and Ctrl-C; every --save-every
+                break

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from countdown import CountdownTask, countdown_mistake, countdown_mistakes, countdown_solutions
-from data import ALPHABET, sample_answer
+from data import ALPHABET
 
 
 def test_countdown_verifier_hand_made():
@@ -217,7 +217,7 @@ def test_countdown_steps_sampler_is_uniform_over_answers():
     p = "4,6,12;2="
     answers = t.answers(p)
     g = torch.Generator().manual_seed(0)
-    draws = [sample_answer(t, p, g) for _ in range(200 * len(answers))]
+    draws = [t.sample_answer(p, g) for _ in range(200 * len(answers))]
     assert set(draws) == set(answers)
     assert all(140 < draws.count(a) < 260 for a in answers)  # 200 expected each; ~4 std either side
 

@@ -6,7 +6,7 @@ import torch
 
 from countdown import CountdownTask
 from data import (ALPHABET, MirrorTask, PointerTask, PromptStream, Tokenizer, encode_prompts, encode_responses,
-                  eval_prompts, make_task, sample_answer)
+                  eval_prompts, make_task)
 
 
 def test_tokenizer_round_trip_and_specials():
@@ -91,7 +91,7 @@ def test_pointer_verifier_hand_made():
 def test_ground_truth_sampler_is_uniform_over_answers():
     t = MirrorTask(digits=5)
     g = torch.Generator().manual_seed(0)
-    draws = [sample_answer(t, "12345=", g) for _ in range(2000)]
+    draws = [t.sample_answer("12345=", g) for _ in range(2000)]
     assert set(draws) == {"+12345", "-54321"} and 900 < draws.count("+12345") < 1100
 
 
@@ -185,17 +185,16 @@ def test_unknown_task_is_clear():
         make_task("nope")
 
 
-def test_mode_weight_draws_the_plus_answer_that_often_and_half_keeps_the_old_draws():
+def test_mode_weight_draws_the_plus_answer_that_often():
     """--mode-weight p: the expert's ground truth is the "+" answer with probability p (the mode
-    the 1-layer student can represent); p = 0.5 draws exactly what the uniform sampler drew."""
-    t = PointerTask(digits=10)
+    the 1-layer student can represent); p = 0.5 is the uniform draw over both answers."""
     prompt = "3141592653="
-    for p in (0.05, 0.2):
-        g = torch.Generator().manual_seed(0)
-        share = sum(sample_answer(t, prompt, g, plus=p)[0] == "+" for _ in range(4000)) / 4000
+    for p in (0.05, 0.2, 0.5):
+        t, g = PointerTask(digits=10, mode_weight=p), torch.Generator().manual_seed(0)
+        share = sum(t.sample_answer(prompt, g)[0] == "+" for _ in range(4000)) / 4000
         assert abs(share - p) < 4 * (p * (1 - p) / 4000) ** 0.5
-    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    assert [sample_answer(t, prompt, g1) for _ in range(50)] == [sample_answer(t, prompt, g2, plus=0.5) for _ in range(50)]
+    with pytest.raises(ValueError, match="a task with a sign"):
+        PointerTask(mode_weight=0.2, sign=False)
 
 
 def test_pointer_without_copy_has_no_answer_one_lookup_away():

@@ -1,16 +1,18 @@
 """Online IL's maths: the two-part gradient is the exact gradient of the sequence-level KL."""
 import contextlib
 
+from dataclasses import replace
+from types import SimpleNamespace
+
 import pytest
 import torch
-
-from types import SimpleNamespace
 
 from data import MirrorTask, Tokenizer, encode_prompts, encode_responses
 import distill
 from distill import advantages, returns_to_go, rollouts
 from kernels import IGNORE, token_divergence, token_logprobs
 from model import make_model, response_hidden
+from train import parse_args
 
 tok = Tokenizer()
 
@@ -67,8 +69,8 @@ def test_online_loss_is_the_exact_sequence_kl_gradient_at_any_temperature(estima
 
     batch = dict(prompt=prompt, prompt_valid=pvalid, response=resp, response_mask=mask,
                  on_policy=torch.ones(len(resp), dtype=torch.bool))
-    cfg = SimpleNamespace(temperature=T, gamma=1.0, estimator=estimator, divergence="reverse", beta=0.5, fused=fused,
-                          baseline=False, normalize_adv=False)  # a weighted enumeration, not a batch: no baseline
+    cfg = parse_args(["--temperature", str(T), "--estimator", estimator, "--no-baseline", "--no-normalize-adv",
+                      "--fused" if fused else "--no-fused"])  # a weighted enumeration, not a batch: no baseline
     loss = distill.sampled_token_loss if estimator == "sampled" else distill.online_loss
     per_token, D = loss(stub_run(student), expert, batch, cfg)
     weights = log_q.exp().detach().float()
@@ -110,15 +112,14 @@ def online_batch(resp, mask=None):
                 on_policy=torch.ones(2, dtype=torch.bool))
 
 
-CFG = SimpleNamespace(temperature=1.0, gamma=1.0, divergence="reverse", beta=0.5, fused=True, baseline=True,
-                      normalize_adv=True)
+CFG = parse_args([])  # the defaults: gamma 1, reverse KL, baseline and normalisation on
 
 
 def test_gamma_zero_is_per_token_objective():
     """gamma=0: no score-function term, the gradient is that of sum_t D_t at fixed prefixes."""
     student, expert = tiny(0), tiny(1)
     per_token, D = distill.online_loss(stub_run(student), expert, online_batch(torch.tensor([[3, 6, tok.end], [4, 5, 7]])),
-                                       SimpleNamespace(**{**vars(CFG), "gamma": 0.0}))
+                                       replace(CFG, gamma=0.0))
     per_token_only = torch.autograd.grad(D.sum(), list(student.parameters()), retain_graph=True)
     for a, b in zip(torch.autograd.grad(per_token.sum(), list(student.parameters())), per_token_only):
         assert torch.equal(a, b)
@@ -157,10 +158,10 @@ class Writes:
 
 
 def test_mix_keeps_the_expert_rows_whole_when_the_students_stop_early():
-    """--mix: the expert's rows used to be cut to the longest student rollout, so when every
-    student stopped at once the expert's answers lost their digits and their end token."""
+    """--mix: the expert's rows keep their own length, digits and end token, even when every
+    student rollout stops at once."""
     task = MirrorTask(digits=5)
-    batch = rollouts(Writes(""), Writes("31415"), ["31415="] * 4, tok, task, SimpleNamespace(mix=0.5, temperature=1.0),
+    batch = rollouts(Writes(""), Writes("31415"), ["31415="] * 4, tok, task, parse_args(["--mix", "0.5"]),
                      None, "cpu")
     assert batch["on_policy"].tolist() == [False, False, True, True]
     resp, mask = batch["response"], batch["response_mask"]
@@ -171,8 +172,8 @@ def test_mix_keeps_the_expert_rows_whole_when_the_students_stop_early():
 
 @pytest.mark.parametrize("estimator", ["full", "sampled"])
 def test_no_fused_reaches_every_score(estimator, monkeypatch):
-    """--no-fused: every log-prob and divergence is the naive log_softmax reference. The sampled
-    estimator's expert log-probs used to take the fused kernel whatever the flag said."""
+    """--no-fused: every log-prob and divergence is the naive log_softmax reference, the sampled
+    estimator's expert log-probs included."""
     import kernels
 
     def refuse(*a, **k):
@@ -183,5 +184,5 @@ def test_no_fused_reaches_every_score(estimator, monkeypatch):
     student, expert = tiny(0), tiny(1)
     loss = distill.sampled_token_loss if estimator == "sampled" else distill.online_loss
     per_token, D = loss(stub_run(student), expert, online_batch(torch.tensor([[3, 6, tok.end], [4, 5, 7]])),
-                        SimpleNamespace(**{**vars(CFG), "fused": False}))
+                        replace(CFG, fused=False))
     assert torch.isfinite(per_token).all() and (D >= 0).all()

@@ -1,4 +1,4 @@
-"""The experiments (experiments.py), the exact H=1 toy (toy.py), eval.py's command line and its reports."""
+"""The research harness (research/: experiments, jobs, modes, the exact toys, reports) and eval.py's command line."""
 import json
 import math
 import os
@@ -10,11 +10,10 @@ import pytest
 import torch
 
 import eval as eval_module
-import experiments
-import jobs
-import toy
 from countdown import CountdownTask
-from data import MirrorTask, Tokenizer, eval_prompts, seed_for
+from data import MirrorTask, Tokenizer, eval_prompts, make_task, seed_for, task_tokenizer
+from research import experiments, jobs, toy
+from research.report import Report
 from train import parse_args, run_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,26 +34,53 @@ def test_toy_forward_projection_is_uniform_reverse_picks_one_mode():
     assert rev["rev_kl"] < -math.log((1 - eps) / 2)
 
 
-@pytest.mark.parametrize("method", jobs.ABLATION + jobs.GRID, ids=lambda m: m[0])
-def test_every_method_names_the_run_train_py_makes(method):
-    label, flags, name = method
-    cfg = parse_args([*flags, "--student-size", "small"])
-    expected = {"expert": "expert", "base": "base-small"}.get(cfg.mode) or run_name(cfg)
-    assert name("small") == expected
+def test_every_method_trains_a_run_of_its_own():
+    """Each method of the grid and the ablation has its own run name (train.run_name), so no run
+    overwrites another's checkpoint; and every flag of online IL's own, set away from its
+    default, names the run too (a new flag needs nothing else)."""
+    from dataclasses import fields
+    from train import Config
+    names = [run_name(parse_args([*flags, "--student-size", "small"])) for _, flags in jobs.ABLATION]
+    assert len(set(names)) == len(names) and "onpolicy-small-g1" in names
+    default = run_name(parse_args([]))
+    for f in fields(Config):
+        if f.metadata.get("changes") == "onpolicy":
+            other = (not f.default if isinstance(f.default, bool) else [c for c in f.metadata["choices"] if c != f.default][0]
+                     if f.metadata["choices"] else f.default / 2 if f.default else 0.25)
+            flag = "--" + ("no-" if f.default is True else "") + f.name.replace("_", "-")
+            argv = [flag] if isinstance(f.default, bool) else [flag, str(other)]
+            argv += ["--divergence", "jsd"] if f.name == "beta" else []
+            assert run_name(parse_args(argv)) != default, f.name
 
 
 def test_grid_jobs_come_after_their_dependencies():
     runs = [(f"d{s}", ["--seed", str(s)]) for s in range(2)]
-    listed = jobs.grid_jobs(runs, "mirror", "medium", ["medium", "small"], jobs.GRID)
+    listed = jobs.grid_jobs(runs, "medium", ["medium", "small"], jobs.GRID)
     seen = set()
-    for key, argv, log, deps, done_file in listed:
-        assert all(d in seen for d in deps), key
-        assert done_file.startswith(os.path.join(key[0], "mirror"))
-        seen.add(key)
+    for j in listed:
+        assert all(d in seen for d in j.deps), j.key
+        assert j.result.startswith(os.path.join(j.key[0], "mirror"))
+        seen.add(j.key)
     assert len(listed) == 2 * (1 + 2 * 4)
-    deps = {key: set(d) for key, _, _, d, _ in listed}
+    deps = {j.key: set(j.deps) for j in listed}
     for label in ("base", "offline SFT"):  # the second size reuses the expert samples the first one drew
         assert ("d0", label, "medium") in deps[("d0", label, "small")]
+
+
+def test_an_experiment_prints_its_commands_in_dependency_order(tmp_path):
+    """--print-commands: the train.py commands, one a line, each after the ones it needs, with the
+    run names train.py gives them (a --train-args flag of online IL names its runs too)."""
+    out = subprocess.run([sys.executable, "-m", "research.experiments", "--grid", "--seeds", "2", "--print-commands",
+                          "--out-dir", str(tmp_path), "--train-args", "--divergence jsd"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and os.listdir(tmp_path) == [], out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2 * 9 and all(line.startswith("python train.py --threads 1 ") for line in lines)
+    modes = [line.split("--mode ")[1].split()[0] for line in lines]
+    assert modes[:2] == ["expert", "expert"] and modes.index("sft") > max(i for i, m in enumerate(modes) if m == "base")
+    listed = jobs.grid_jobs([(str(tmp_path / "seed0"), ["--divergence", "jsd"])], "medium", ["small"], jobs.GRID)
+    assert [os.path.basename(j.result) for j in listed][-2:] == ["onpolicy-small-g1-jsd.result.json",
+                                                                 "onpolicy-small-g0-jsd.result.json"]
 
 
 def test_horizon_task_has_two_answers_at_every_h():
@@ -63,8 +89,9 @@ def test_horizon_task_has_two_answers_at_every_h():
         assert t.answers("12345678=") == ["+" + "12345678"[:h], "-" + "87654321"[:h]]
 
 
-def test_toy_command_prints_the_table():
-    out = subprocess.run([sys.executable, "toy.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+def test_toy_command_prints_the_table(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "research.toy", "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 0 and "reverse KL (online IL)" in out.stdout
 
 
@@ -74,15 +101,15 @@ def test_eval_cli_errors_are_one_line():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--grid", "--seeds", "0"], "--seeds and --jobs must be >= 1"),  # was a KeyError traceback
-    (["--ablation", "--sizes", "medium"], "--sizes 'medium'"),  # was a cryptic unpacking error
+    (["--grid", "--seeds", "0"], "--seeds and --jobs must be >= 1"),
+    (["--ablation", "--sizes", "medium"], "--sizes 'medium'"),
     (["--horizon", "--horizons", "1,x"], "--horizons '1,x'"),
     (["--grid", "--task", "nope"], "invalid choice: 'nope'"),
     (["--grid", "--ablation"], "choose one of"),
     (["--grid", "--train-args", "--no-sign", "--seeds", "0"], "--seeds and --jobs"),  # not "expected one argument"
 ])
 def test_eval_bad_flags_are_one_line(args, message, tmp_path):
-    out = subprocess.run([sys.executable, "experiments.py", *args, "--out-dir", str(tmp_path)], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "research.experiments", *args, "--out-dir", str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     lines = out.stderr.strip().splitlines()
     assert out.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], out.stderr
@@ -101,9 +128,9 @@ def test_reward_curve_reads_eval_rewards_and_averages_seeds(tmp_path):
         with open(d / "sft-small.metrics.jsonl", "w") as f:
             for i, r in enumerate(rewards):
                 f.write(json.dumps(dict(step=i, loss=1.0)) + "\n" + json.dumps(dict(step=i, eval_reward=r)) + "\n")
-    dirs = [str(tmp_path / "seed0"), str(tmp_path / "seed1")]
-    assert experiments.curve(dirs, "mirror", "sft-small") == "[ ▄▄] 0.00 -> 0.50 by step 2"  # means 0, 0.5, 0.5
-    assert experiments.curve(dirs, "mirror", "no-such-run") == ""
+    paths = [str(tmp_path / f"seed{s}" / "mirror" / "sft-small.metrics.jsonl") for s in range(2)]
+    assert eval_module.reward_curve(paths) == "[ ▄▄] 0.00 -> 0.50 by step 2"  # means 0, 0.5, 0.5
+    assert eval_module.reward_curve([str(tmp_path / "no-such-run.metrics.jsonl")]) == ""
 
 
 def test_claim_counts_name_every_failing_seed():
@@ -118,7 +145,7 @@ def test_claim_counts_name_every_failing_seed():
 
 
 def test_report_md_holds_the_tables_command_and_machine(tmp_path):
-    report = eval_module.Report("a title")
+    report = Report("a title")
     report.add("a table", ["row 1", "row 2"])
     report.write(str(tmp_path))
     text = (tmp_path / "report.md").read_text()
@@ -141,7 +168,7 @@ def test_mean_follow_averages_each_position_over_seeds():
 def test_horizon_sweep_runs_end_to_end_and_train_args_override_its_recipe(tmp_path):
     tiny = ("--expert-steps 4 --base-steps 2 --steps 2 --batch-size 8 --eval-prompts 16 --eval-every 1 "
             "--log-every 1 --expert-min-reward 0")  # the recipe's gate would refuse a 4-step expert
-    out = subprocess.run([sys.executable, "experiments.py", "--horizon", "--horizons", "2", "--seeds", "1", "--sizes",
+    out = subprocess.run([sys.executable, "-m", "research.experiments", "--horizon", "--horizons", "2", "--seeds", "1", "--sizes",
                           "small,tiny", "--out-dir", str(tmp_path), "--train-args", tiny],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -153,7 +180,8 @@ def test_horizon_sweep_runs_end_to_end_and_train_args_override_its_recipe(tmp_pa
         with open(tmp_path / "H2" / "seed0" / "logs" / log) as f:
             cfg = json.loads(next(line for line in f if line.startswith("config: "))[len("config: "):])
         assert (cfg["expert_lr"], cfg["lr"], cfg["eval_every"]) == (0.0, 0.0, 1)  # the sizes' own lr at H=2; the override's
-        assert (cfg["task"], cfg["digits"], cfg["answer_len"], cfg["expert_steps"]) == ("pointer", 10, 2, 4)
+        assert (cfg["task"], cfg["task_args"]["digits"], cfg["task_args"]["answer_len"], cfg["expert_steps"]) == (
+            "pointer", 10, 2, 4)
     report = (tmp_path / "report.md").read_text()
     assert "pointer (16 digits" not in report and "pointer (10 digits), student small (realizable)" in report
     assert "where the realizable models' errors start at H=2" in report and "rate per position" in report
@@ -167,22 +195,25 @@ def test_horizon_sweep_runs_end_to_end_and_train_args_override_its_recipe(tmp_pa
 
 
 def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
+    """The experiments reuse a finished run (its result.json) only if every flag that changes it
+    has this job's value; one that does not record a flag was made by an older version."""
     from dataclasses import asdict
     from errors import UsageError
     argv = ["--mode", "sft", "--seed", "1", "--expert-steps", "6000"]
     done = tmp_path / "sft-small.result.json"
     done.write_text(json.dumps(dict(reward=1.0, config=asdict(parse_args(["--threads", "1", *argv])))))
     jobs.check_done(str(done), argv)  # the same settings: reused
+    jobs.check_done(str(done), [*argv, "--log-every", "7", "--gamma", "0"])  # flags that do not change an SFT run
     with pytest.raises(UsageError, match=r"--expert-steps 6000 \(this run: 1500\)"):
         jobs.check_done(str(done), argv[:-2])
+    with pytest.raises(UsageError, match=r"--lr 0.0 \(this run: 0.003\)"):
+        jobs.check_done(str(done), [*argv, "--lr", "3e-3"])
+    with pytest.raises(UsageError, match=r"--digits 5 \(this run: 6\), --answer-len 5 \(this run: 6\)"):
+        jobs.check_done(str(done), [*argv, "--digits", "6"])
     old = asdict(parse_args(["--threads", "1", *argv]))
-    del old["number_tokens"], old["countdown_format"]  # a mirror run made before these countdown flags existed
+    del old["warmup"]  # a run made before --warmup existed
     done.write_text(json.dumps(dict(reward=1.0, config=old)))
-    jobs.check_done(str(done), argv)  # reused: they change nothing for mirror
-    with pytest.raises(UsageError, match=r"--number-tokens \(not recorded\) \(this run: True\)"):
-        jobs.check_done(str(done), [*argv, "--task", "countdown"])
-    done.write_text(json.dumps(dict(reward=1.0)))  # written before settings were recorded
-    with pytest.raises(UsageError, match="settings not recorded"):
+    with pytest.raises(UsageError, match="made by an older version of this code \\(--warmup not recorded\\)"):
         jobs.check_done(str(done), argv)
 
 
@@ -192,7 +223,7 @@ def test_countdown_grid_takes_its_recipe_and_number_tokens(tmp_path):
     number tokens evaluates on its own (eval.py rebuilds the task's tokenizer), with --draws on the
     prompts it trained on."""
     tiny = "--expert-steps 4 --base-steps 2 --steps 2 --batch-size 8 --eval-prompts 16 --log-every 1"
-    out = subprocess.run([sys.executable, "experiments.py", "--grid", "--task", "countdown", "--seeds", "1", "--sizes",
+    out = subprocess.run([sys.executable, "-m", "research.experiments", "--grid", "--task", "countdown", "--seeds", "1", "--sizes",
                           "small,tiny", "--out-dir", str(tmp_path), "--train-args", tiny],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -200,7 +231,7 @@ def test_countdown_grid_takes_its_recipe_and_number_tokens(tmp_path):
         with open(tmp_path / "seed0" / "logs" / log) as f:
             cfg = json.loads(next(line for line in f if line.startswith("config: "))[len("config: "):])
         assert (cfg["task"], cfg["eval_every"], cfg["expert_steps"], cfg["base_steps"]) == ("countdown", 1000, 4, 2)
-        assert (cfg["countdown_format"], cfg["number_tokens"]) == ("steps", True)
+        assert (cfg["task_args"]["format"], cfg["task_args"]["number_tokens"]) == ("steps", True)
     report = (tmp_path / "report.md").read_text()
     assert "expert reaches >= 0.8" in report
     assert "--expert-steps 24000" in report and "--eval-prompts 1024" in report  # the recipe, then --train-args
@@ -235,14 +266,6 @@ def test_countdown_grid_takes_its_recipe_and_number_tokens(tmp_path):
     assert out.returncode != 0 and "older version" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
-def test_online_method_removes_gamma_and_its_value_only():
-    """online() used to drop every flag *value* equal to gamma's: --beta 0 lost its 0."""
-    assert jobs.online("x", "--gamma", "0", "--beta", "0")[1] == ["--mode", "onpolicy", "--gamma", "0",
-                                                                         "--beta", "0"]
-    label, flags, name = jobs.online("x", "--divergence", "jsd", "--gamma", "0.5", suffix="-jsd")
-    assert flags == ["--mode", "onpolicy", "--gamma", "0.5", "--divergence", "jsd"] and name("small") == "onpolicy-small-g0.5-jsd"
-
-
 @pytest.mark.parametrize("p,H,eps", [(0.5, 1, 0.01), (0.1, 1, 0.01), (0.05, 2, 0.05), (0.2, 2, 1e-3), (0.3, 3, 0.1)])
 def test_mode_weight_law_closed_form_matches_enumeration(p, H, eps):
     """q* = sigmoid(logit p + H c) for online IL and q = p for SFT, against the sequence-level KLs
@@ -263,10 +286,10 @@ def test_mode_weight_price_is_least_at_a_uniform_guess():
 
 
 def test_modes_runs_end_to_end_and_measures_p_plus(tmp_path):
-    """modes.py, tiny: every run, P('+') read from the first-token distribution (a probability),
-    the expert's price c of '-' measured (>= 0 nats: no guess beats the expert), the report."""
-    import modes
-    out = subprocess.run([sys.executable, "modes.py", "--seeds", "1", "--weights", "0.2", "--out-dir", str(tmp_path),
+    """research/modes.py, tiny: every run, P('+') read from the first-token distribution (a
+    probability), the expert's price c of '-' measured (>= 0 nats: no guess beats the expert), the report."""
+    from research import modes
+    out = subprocess.run([sys.executable, "-m", "research.modes", "--seeds", "1", "--weights", "0.2", "--out-dir", str(tmp_path),
                           "--train-args", "--expert-steps 40 --base-steps 10 --steps 10 --batch-size 16 "
                           "--eval-prompts 16 --eval-every 10 --log-every 10"], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
@@ -274,8 +297,8 @@ def test_modes_runs_end_to_end_and_measures_p_plus(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "p=0.2, H=1" in text and "predicted q*" in text and "claims, each a count over seeds" in text
     from model import load_checkpoint
-    task = modes.make_task("pointer", digits=10, answer_len=1)
-    tok = modes.task_tokenizer(task)
+    task = make_task("pointer", digits=10, answer_len=1)
+    tok = task_tokenizer(task)
     expert, _ = load_checkpoint(tmp_path / "p0.2" / "H1" / "seed0" / "pointer" / "expert.pt")
     prompts = eval_prompts(task, 16, seed=seed_for(0, "held-out"))
     q = modes.first_token_plus(expert, tok, prompts)

@@ -1,5 +1,5 @@
 """runtime.Run in-process: non-finite gradients, Ctrl-C on every rank, the stop flags of two DDP
-ranks, and resuming a GPU run (simulated)."""
+ranks, resuming a GPU run (simulated), the learning-rate schedule, and the held-out check."""
 import multiprocessing
 import os
 import signal
@@ -12,7 +12,7 @@ import runtime
 from data import PromptStream
 from errors import UsageError
 from model import make_model
-from runtime import Run, setup
+from runtime import Run, lr_factor, setup
 from train import load_finished, parse_args
 
 FLAGS = ["--digits", "2", "--expert-size", "tiny", "--student-size", "tiny", "--batch-size", "4", "--eval-prompts", "8",
@@ -24,7 +24,21 @@ def make_run(out_dir, *flags, total=10, prompt_seed=None):
     env = setup(cfg)  # under torch.distributed's RANK/WORLD_SIZE variables this joins the group
     model = make_model("tiny", env["block_size"], env["tok"].vocab_size, seed=0).to(env["device"])
     prompts = None if prompt_seed is None else PromptStream(env["task"], env["held_out"], seed=prompt_seed)
-    return Run(cfg, env, "t", model, total, 1e-3, prompts=prompts)
+    return Run(cfg, env, "sft", "t", model, total, 1e-3, prompts=prompts)
+
+
+def drive(run, on_step=None):
+    """The loop of sft.train and distill.train without their algorithm; returns the steps run."""
+    done = []
+    with run:
+        for step in range(run.start, run.total):
+            run.set_lr(step)
+            if on_step:
+                on_step(run)
+            done.append(step)
+            if run.checkpoint(step, run.held_out_check(step)):
+                break
+    return done
 
 
 def test_non_finite_gradient_with_finite_loss_stops_before_the_step(tmp_path):
@@ -81,16 +95,18 @@ def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
 
 
 def test_every_rank_finishes_its_step_on_ctrl_c(tmp_path):
-    """torchrun passes Ctrl-C to every worker. The handler used to be on rank 0 only, so the
-    other ranks died mid-step and rank 0 waited for them; now each finishes the step, and they
-    stop together (exit 130) after the checkpoint."""
+    """torchrun passes Ctrl-C to every worker: each rank (here rank 1) finishes its step, and
+    they stop together (exit 130) after the checkpoint, with the old handler back in place."""
     run = make_run(tmp_path)
     run.rank = 1  # a second rank (world 1 here, so no process group is needed)
     before, code, finished = signal.getsignal(signal.SIGINT), None, []
+
+    def interrupt(run):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives mid-step
+        finished.append(run.step)
+
     try:
-        for step in run.steps():
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives mid-step
-            finished.append(step)
+        drive(run, interrupt)
     except KeyboardInterrupt:
         pytest.fail("a rank other than 0 died on Ctrl-C instead of finishing its step")
     except SystemExit as e:
@@ -99,11 +115,10 @@ def test_every_rank_finishes_its_step_on_ctrl_c(tmp_path):
 
 
 def test_resume_reads_the_checkpoint_on_the_cpu(tmp_path, monkeypatch):
-    """--resume on CUDA mapped the whole checkpoint to the GPU, and the CPU prompt generator
-    refused its state (TypeError). Simulated: a run that believes it is on cuda:0, and a
-    load_checkpoint that puts the prompt generator's state on the device it is asked for
-    ('meta' stands in for the GPU; the old code moved the sample generator's state back with
-    .cpu(), which meta cannot do). Resume must read on the CPU and restore both generators."""
+    """--resume on CUDA must read the checkpoint on the CPU: the prompt generator lives there and
+    refuses a CUDA state (TypeError). Simulated: a run that believes it is on cuda:0, and a
+    load_checkpoint that puts the prompt generator's state on the device it is asked for ('meta'
+    stands in for the GPU). Resume must read on the CPU and restore both generators."""
     run = make_run(tmp_path, prompt_seed=1)
     run.prompts.batch(3)
     run.save(run.snapshot(3))
@@ -140,7 +155,7 @@ def test_resume_on_cuda_restores_every_generator(tmp_path):
 
 
 def test_weight_decay_reaches_the_linear_matrices_only(tmp_path):
-    """--weight-decay used to decay every parameter, LayerNorm gains and the embeddings too."""
+    """--weight-decay decays the matrices of the linear layers, not LayerNorm gains or embeddings."""
     run = make_run(tmp_path, "--weight-decay", "0.1")
     decayed = {id(p) for g in run.opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {n for n, p in run.raw.named_parameters() if id(p) in decayed}
@@ -153,7 +168,6 @@ def _online_gradient(rank, world, port, out_dir, results):
     """The gradient of online IL's objective on a fixed global batch of 8 rollouts of different
     lengths, the rows split evenly over `world` gloo ranks (DDP), as distill.train computes it."""
     import distill
-    from types import SimpleNamespace
     if world > 1:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
@@ -173,9 +187,7 @@ def _online_gradient(rank, world, port, out_dir, results):
     batch = dict(prompt=prompt[rows], prompt_valid=torch.ones_like(prompt[rows], dtype=torch.bool),
                  response=torch.where(m, resp[rows], tok.pad)[:, :R], response_mask=m[:, :R],
                  on_policy=torch.ones(m.shape[0], dtype=torch.bool))
-    cfg = SimpleNamespace(temperature=1.0, gamma=1.0, divergence="reverse", beta=0.5, fused=True, baseline=True,
-                          normalize_adv=True)
-    per_token, _ = distill.online_loss(run, expert, batch, cfg)
+    per_token, _ = distill.online_loss(run, expert, batch, run.cfg)
     objective = per_token.sum() / run.global_sum(batch["response_mask"].sum()) * run.world
     objective.backward()
     results.put((rank, [p.grad.numpy().copy() for p in run.raw.parameters()]))  # by value: the process ends
@@ -183,8 +195,8 @@ def _online_gradient(rank, world, port, out_dir, results):
 
 @pytest.mark.parametrize("world", [2])
 def test_online_gradient_does_not_depend_on_the_number_of_ranks(tmp_path, world):
-    """The leave-one-out baseline and the advantage std were taken per rank, so the same global
-    batch gave another gradient on 2 ranks than on 1. They are global now (all-reduced)."""
+    """The leave-one-out baseline and the advantage std are the global batch's (all-reduced), so
+    the same global batch gives the same gradient on 2 ranks as on 1."""
     grads = {}
     for n in (1, world):
         got = run_ranks(n, lambda r, port, results: (r, n, port, str(tmp_path / str(n)), results), _online_gradient)
@@ -198,44 +210,71 @@ def test_online_gradient_does_not_depend_on_the_number_of_ranks(tmp_path, world)
 
 
 def test_a_held_out_check_that_overflows_stops_the_run_in_one_line(tmp_path):
-    """Finite weights can still overflow the logits: the held-out check (rank 0 alone) used to
-    raise from inside sampling while the other ranks waited; now every rank stops together."""
+    """Finite weights can still overflow the logits: the held-out check (rank 0 alone) raises
+    FloatingPointError, and every rank stops together with one line."""
     run = make_run(tmp_path, "--eval-every", "1")
 
     def overflow(model, prompts, seed):
         raise FloatingPointError("non-finite logits while sampling")
 
     run.eval_reward = overflow
-    with pytest.raises(UsageError, match="non-finite logits in the held-out check after step 1 of t"):
-        for _ in run.steps():
-            pass
+    with pytest.raises(UsageError, match="non-finite logits in the held-out check at step 1 of t"):
+        drive(run)
     assert not os.path.exists(run.path)  # nothing written from weights that diverged
 
 
 def test_a_run_stops_at_its_first_held_out_check_at_or_above_stop_at(tmp_path):
     """stop_at: the run ends at the first check (every --eval-every steps) at or above it, and its
     checkpoint is a finished one: --resume trains it no further, load_finished returns it; a
-    --resume asking for another --stop-at goes on from there."""
+    --resume asking for another --stop-at is refused (it is another run)."""
     for stop_at, checks, steps in ((0.9, [0.5, 0.95, 1.0], 4), (0.0, [0.5, 0.95, 1.0, 1.0, 1.0], 10)):
         run = make_run(tmp_path / str(stop_at), "--eval-every", "2", "--stop-at", str(stop_at))
         run.stop_at, it = stop_at, iter(checks)
         run.eval_reward = lambda model, prompts, seed: next(it)
-        assert len(list(run.steps())) == steps
+        assert len(drive(run)) == steps
         ck = torch.load(run.path, weights_only=False)
         assert (ck["step"], ck["total"], ck["converged"]) == (steps, 10, steps < 10)
-        assert load_finished(run.path, run.env, "tiny", None) is not None
+        assert load_finished(run.path, run.cfg, run.env, None, "tiny", None) is not None
     again = make_run(tmp_path / "0.9", "--eval-every", "2", "--stop-at", "0.9", "--resume")
-    assert list(again.steps()) == [] and again.start == 4
-    more = make_run(tmp_path / "0.9", "--eval-every", "2", "--resume")  # --stop-at 0: every step
-    more.eval_reward = lambda model, prompts, seed: 1.0
-    assert list(more.steps()) == list(range(4, 10))
+    assert drive(again) == [] and again.start == again.total
+    with pytest.raises(UsageError, match="--stop-at 0.9 \\(this run: 0.0\\)"):
+        make_run(tmp_path / "0.9", "--eval-every", "2", "--resume")
 
 
 def test_ctrl_c_on_the_step_that_converges_still_stops_the_command(tmp_path):
     """Convergence ends the run; a Ctrl-C on that very step must still end the whole command."""
     run = make_run(tmp_path, "--eval-every", "1", "--stop-at", "0.5")
     run.stop_at, run.eval_reward = 0.5, lambda model, prompts, seed: 1.0
+
+    def ctrl_c(run):
+        run.stop_requested = True
+
     with pytest.raises(SystemExit) as e:
-        for _ in run.steps():
-            run.stop_requested = True
+        drive(run, ctrl_c)
     assert e.value.code == 130 and torch.load(run.path, weights_only=False)["step"] == 1
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_the_learning_rate_follows_warmup_then_the_schedule(tmp_path, schedule):
+    """--warmup steps rising linearly to the peak, then --lr-schedule; by hand."""
+    run = make_run(tmp_path, "--warmup", "4", "--lr-schedule", schedule, total=12)
+    lrs = [run.set_lr(step) for step in range(12)]
+    assert lrs[:4] == pytest.approx([1e-3 * k / 4 for k in (1, 2, 3, 4)])
+    if schedule == "constant":
+        assert lrs[4:] == pytest.approx([1e-3] * 8)
+    else:  # from the peak at step 4, half-way (0.55) at step 8, down towards 10% at the end
+        assert lrs[4] == pytest.approx(1e-3) and lrs[8] == pytest.approx(0.55e-3) and lrs[-1] > 0.1e-3
+    assert run.opt.param_groups[0]["lr"] == lrs[-1] and lr_factor(0, 10, "cosine", 0) == 1.0
+
+
+def test_resume_refuses_another_learning_rate_or_schedule(tmp_path):
+    """--resume continues a run with its own settings: another --lr, --lr-schedule or --warmup
+    would silently change its schedule, so it is one line; more steps are allowed."""
+    run = make_run(tmp_path)
+    run.save(run.snapshot(3))
+    for flags, said in ((["--lr", "0.5"], "--lr 0.0 (this run: 0.5)"),
+                        (["--lr-schedule", "constant"], "--lr-schedule cosine (this run: constant)"),
+                        (["--warmup", "10"], "--warmup 50 (this run: 10)")):
+        with pytest.raises(UsageError, match=said.replace("(", "\\(").replace(")", "\\)")):
+            make_run(tmp_path, "--resume", *flags)
+    assert make_run(tmp_path, "--resume", "--steps", "700").start == 3

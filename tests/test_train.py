@@ -84,13 +84,15 @@ def test_the_run_ends_with_its_reward_curve_as_a_text_plot(tiny_runs):
 
 def test_a_reused_checkpoint_must_come_from_this_seed_and_schedule(tiny_runs, tmp_path):
     """The expert and the bases in --out-dir are reused by later runs; one made with another
-    --seed or step count is refused in one line, never silently paired with this run."""
+    value of a flag that changes it (seed, steps, learning rates) is refused in one line, never
+    silently paired with this run."""
     d, _ = tiny_runs
-    for flag, value in (("--seed", "1"), ("--expert-steps", "301"), ("--base-steps", "11")):
+    for flag, value in (("--seed", "1"), ("--expert-steps", "301"), ("--base-steps", "11"), ("--expert-lr", "0.02"),
+                        ("--lr", "0.02"), ("--warmup", "5"), ("--lr-schedule", "constant")):
         args = [*TINY[:TINY.index(flag)], *TINY[TINY.index(flag) + 2:]] if flag in TINY else list(TINY)
         out = train("--mode", "sft", "--out-dir", d, *args, flag, value, check=False, timeout=120)
         lines = out.stderr.strip().splitlines()
-        assert out.returncode != 0 and len(lines) == 1 and "this run asks for" in lines[0], out.stderr[-2000:]
+        assert out.returncode != 0 and len(lines) == 1 and f"was trained with {flag} " in lines[0], out.stderr[-2000:]
     # --resume continues a run only with its own seed (a longer run is allowed, and said)
     fresh = tmp_path / "mirror"
     fresh.mkdir()
@@ -98,7 +100,7 @@ def test_a_reused_checkpoint_must_come_from_this_seed_and_schedule(tiny_runs, tm
     out = train("--mode", "sft", "--out-dir", str(tmp_path), *TINY, "--seed", "1", "--resume",
                 "--expert-ckpt", os.path.join(d, "mirror", "expert.pt"), check=False, timeout=120)
     lines = out.stderr.strip().splitlines()
-    assert out.returncode != 0 and len(lines) == 1 and "made for seed=0" in lines[0], out.stderr[-2000:]
+    assert out.returncode != 0 and len(lines) == 1 and "--seed 0 (this run: 1)" in lines[0], out.stderr[-2000:]
 
 
 def test_metrics_and_checkpoints_describe_themselves(tiny_runs):
@@ -118,8 +120,8 @@ def test_metrics_and_checkpoints_describe_themselves(tiny_runs):
 
 
 def test_zero_steps_train_nothing_and_still_finish(tmp_path):
-    """--expert-steps 0, --base-steps 0 (online IL from a random init) and --steps 0 each used to
-    stop at max() over an empty dataset. Now each saves its untrained model and evaluates it."""
+    """--expert-steps 0, --base-steps 0 (online IL from a random init) and --steps 0: each run saves
+    its untrained model and evaluates it (no data is drawn for it)."""
     train("--mode", "sft", "--out-dir", str(tmp_path), *TINY, "--expert-steps", "0", "--base-steps", "0", "--steps", "0",
           "--expert-min-reward", "0")
     cks = {n: torch.load(tmp_path / "mirror" / f"{n}.pt", weights_only=True) for n in ("expert", "base-small", "sft-small")}
@@ -129,8 +131,8 @@ def test_zero_steps_train_nothing_and_still_finish(tmp_path):
 
 
 def test_metrics_jsonl_holds_one_run_each_step_once(tiny_runs, tmp_path):
-    """metrics.jsonl was opened for appending and never reset: a rerun added a second run to it,
-    and after a crash and --resume the steps past the checkpoint appeared twice."""
+    """metrics.jsonl holds one run, each step once: a rerun replaces the old run's rows, and after
+    a crash and --resume the steps past the checkpoint are not repeated."""
     d, _ = tiny_runs
     shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("onpolicy*"))
     args = ["--mode", "sft", "--out-dir", str(tmp_path), *TINY]
@@ -160,7 +162,7 @@ def test_seeded_runs_are_identical(tiny_runs, tmp_path):
 
 def test_expert_does_not_depend_on_the_student_or_the_mode(tmp_path):
     """Seeds are per role: the expert of a seed is the same whatever --student-size or --mode
-    trains it (it used to share one global RNG with the student's size check)."""
+    trains it (no global RNG is shared with the student's size check)."""
     tiny = [*TINY, "--expert-steps", "5", "--base-steps", "2", "--expert-min-reward", "0"]
     train("--mode", "expert", "--out-dir", str(tmp_path / "a"), *tiny, "--student-size", "small")
     train("--mode", "base", "--out-dir", str(tmp_path / "b"), *tiny, "--student-size", "medium")
@@ -194,19 +196,22 @@ def test_ctrl_c_then_resume_equals_uninterrupted(tiny_runs, tmp_path):
 
 
 def test_help_lists_every_flag_with_its_help():
-    """The first command a reader types (it used to die on the '%' in a help line)."""
+    """The first command a reader types: every Config flag and every task's flag, with a help
+    line that may hold a '%'."""
     from dataclasses import fields
+    from data import TASKS, task_flags
     from train import Config
     out = train("--help", timeout=60)
     assert out.stderr == ""
-    for f in fields(Config):
-        assert "--" + f.name.replace("_", "-") in out.stdout, f.name
-    assert "cosine decay to 10%" in " ".join(out.stdout.split())
+    names = [f.name for f in fields(Config) if "group" in f.metadata] + [k for t in TASKS for k in task_flags(t)]
+    for name in names:
+        assert "--" + name.replace("_", "-") in out.stdout, name
+    assert "decay to 10% of the peak" in " ".join(out.stdout.split())
 
 
 def test_resume_with_another_number_of_ranks_is_one_clear_line(tiny_runs, tmp_path):
-    """Each rank resumes its own generator states; another world size used to be an IndexError
-    traceback (more ranks) or a silent resume with the wrong streams (fewer)."""
+    """Each rank resumes its own generator states: a checkpoint of another world size is one
+    line, not an IndexError (more ranks) or a resume with the wrong streams (fewer)."""
     d, _ = tiny_runs
     shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("sft*"))
     path = tmp_path / "mirror" / "onpolicy-small-g1.pt"
@@ -263,19 +268,23 @@ def test_killed_run_resumes_from_its_held_back_checkpoint_exactly(tiny_runs, tmp
     (["--estimator", "sampled", "--divergence", "forward"], "it takes no --divergence or --mix"),
     (["--estimator", "sampled", "--mix", "0.5"], "it takes no --divergence or --mix"),
     (["--beta", "0.3"], "--beta applies to --divergence jsd only"),
-    (["--digits", "2", "--eval-prompts", "100"], "at most 100 distinct prompts"),  # used to loop forever
-    (["--digits", "2", "--eval-prompts", "10000000"], "at most 100 distinct prompts"),  # used to spin ~30 min
-    (["--temperature", "inf"], "--temperature must be a finite number"),  # used to train, uniform, and overwrite
-    (["--lr", "nan"], "--lr must be a finite number"),  # used to pass `< 0`, then an AdamW traceback
-    (["--mix", "nan"], "--mix must be a finite number"),  # used to be "cannot convert float NaN to integer"
+    (["--digits", "2", "--eval-prompts", "100"], "at most 100 distinct prompts"),  # else: no training prompt
+    (["--digits", "2", "--eval-prompts", "10000000"], "at most 100 distinct prompts"),  # at once, not after drawing
+    (["--temperature", "inf"], "--temperature must be a finite number"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--mix", "nan"], "--mix must be a finite number"),
     (["--gamma=-inf", "--beta", "nan"], "--gamma must be a finite number; --beta must be a finite number"),
-    (["--seed", str(2**70)], "--seed must be in 0..2147483647"),  # used to overflow after the expert trained
+    (["--seed", str(2**70)], "--seed must be in 0..2147483647"),  # before the expert trains
     (["--seed", "-1"], "--seed must be in 0..2147483647"),
     (["--expert-min-reward", "1.5"], "--expert-min-reward must be in 0..1"),
     (["--threads", "100000"], "--threads must be in 0..1024"),
     (["--mode-weight", "1"], "--mode-weight is a probability in (0, 1)"),
-    (["--no-copy"], "--no-copy is a pointer setting"),
-    (["--mode-weight", "0.2", "--no-sign"], "for mirror or pointer with a sign"),
+    (["--no-copy"], "task mirror takes no --copy (its flags: --digits, --answer-len, --sign, --mode-weight)"),
+    (["--task", "countdown", "--digits", "3"], "task countdown takes no --digits"),
+    (["--mode-weight", "0.2", "--no-sign"], "for a task with a sign"),
+    (["--format", "words", "--task", "countdown"], "invalid choice: 'words'"),
+    (["--lr-schedule", "linear"], "invalid choice: 'linear'"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
     out = train(*args, check=False, timeout=60)
@@ -317,11 +326,12 @@ def test_students_and_eval_refuse_a_retrained_expert(tiny_runs, tmp_path):
     base is not silently paired with it, and eval.py CHECKPOINT does not trust it either."""
     d, _ = tiny_runs
     shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("sft*"))
-    # the same seed and steps (or the run would refuse it for those), another learning rate: other weights
+    # another learning rate: other weights (and this run asks for it, so expert.pt itself is accepted)
     train("--mode", "expert", "--out-dir", str(tmp_path / "other"), *TINY, "--expert-lr", "0.02",
           "--expert-min-reward", "0")
     shutil.copy(tmp_path / "other" / "mirror" / "expert.pt", tmp_path / "mirror" / "expert.pt")
-    out = train("--mode", "sft", "--out-dir", str(tmp_path), *TINY, "--expert-min-reward", "0", check=False)
+    out = train("--mode", "sft", "--out-dir", str(tmp_path), *TINY, "--expert-min-reward", "0", "--expert-lr", "0.02",
+                check=False)
     lines = out.stderr.strip().splitlines()
     assert out.returncode != 0 and len(lines) == 1 and "base-small.pt: made for expert=" in lines[0], out.stderr
     assert not (tmp_path / "mirror" / "sft-small.pt").exists()
@@ -352,8 +362,8 @@ def test_corrupt_expert_samples_cache_is_sampled_again(tiny_runs, tmp_path):
 
 
 def test_result_json_is_written_whole_or_not_at_all(tiny_runs, tmp_path, monkeypatch):
-    """result.json is the grid's "done" marker: a run that fails while writing it must not
-    leave a half-written one (it used to be opened in place and dumped into)."""
+    """result.json is the experiments' "done" marker: a run that fails while writing it leaves
+    none, not a half-written one."""
     import train as train_py
     d, _ = tiny_runs
     shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("sft*", "onpolicy*"))
@@ -390,23 +400,42 @@ def test_torchrun_two_processes_match_one(tiny_runs, tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_runs, tmp_path):
+def in_process(argv):
+    """train.main(argv) in this process (so that a test can patch it), its threads restored."""
+    import train as train_py
+    threads = torch.get_num_threads()
+    try:
+        return train_py.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def diverge_from(monkeypatch, first_step):
+    """From that step on, a learning rate of ~1e28: one step makes finite weights of that size,
+    and the next loss (or sampling) is not finite."""
+    import runtime
+    real = runtime.lr_factor
+    monkeypatch.setattr(runtime, "lr_factor", lambda step, *a: 1e30 if step >= first_step else real(step, *a))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_runs, tmp_path, monkeypatch):
     """The checkpoint kept after a divergence is one whose weights gave a finite loss and
-    gradient, so resuming it trains on. It used to be the diverged one: a step at lr ~1e29
-    gives finite weights of ~1e29, saved at once, then a NaN loss at the next step."""
+    gradient, so resuming it trains on: not the one the diverging step made (finite, ~1e28),
+    which only the next step's loss shows to be bad."""
+    from errors import UsageError
     d, _ = tiny_runs
     shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("onpolicy*", "sft*"))
     args = ["--mode", "sft", "--out-dir", str(tmp_path), *TINY, "--save-every", "1"]
-    out = train(*args, "--lr", "1e30", check=False)  # blows the weights up in one step
-    assert out.returncode != 0 and "no checkpoint of this run was written" in out.stderr
-    train(*args, "--steps", "10")  # ten good steps, then a learning rate that diverges at once
-    out = train(*args, "--resume", "--lr", "1e30", check=False)
-    assert out.returncode != 0
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "non-finite loss" in lines[0] and "last good checkpoint is kept" in lines[0]
+    with monkeypatch.context() as m:
+        diverge_from(m, 0)  # blows the weights up in the first step
+        with pytest.raises(UsageError, match="non-finite loss.*no checkpoint of this run was written"):
+            in_process(args)
+    with monkeypatch.context() as m:
+        diverge_from(m, 10)  # ten good steps, then a learning rate that diverges at once
+        with pytest.raises(UsageError, match="non-finite loss.*last good checkpoint is kept"):
+            in_process(args)
     ck = torch.load(tmp_path / "mirror" / "sft-small.pt", weights_only=False)
-    assert 1 <= ck["step"] < 60 and all(torch.isfinite(v).all() for v in ck["model"].values())
-    assert ck["step"] == 10  # the weights the diverging step started from, not the ones it made
+    assert ck["step"] == 10 and all(torch.isfinite(v).all() for v in ck["model"].values())
     train(*args, "--resume")  # the kept checkpoint trains on to the end
     ck = torch.load(tmp_path / "mirror" / "sft-small.pt", weights_only=True)
     assert ck["step"] == 60 and all(torch.isfinite(v).all() for v in ck["model"].values())
@@ -417,37 +446,37 @@ def snapshot_files(folder):
 
 
 @pytest.mark.parametrize("mode", ["sft", "onpolicy"])
-def test_a_failed_rerun_leaves_the_finished_run_byte_identical(tiny_runs, tmp_path, mode):
-    """A rerun that fails (here it diverges at its first step) used to have emptied
-    <name>.metrics.jsonl already, leaving the old checkpoint and result.json beside metrics of
-    another run. Now every file of the finished run is as it was. Online IL's divergence also
-    used to crash in torch.multinomial (a traceback) before the finiteness check: one line now."""
+def test_a_failed_rerun_leaves_the_finished_run_byte_identical(tiny_runs, tmp_path, monkeypatch, mode):
+    """A rerun that fails (here it diverges at its first step) leaves every file of the finished
+    run as it was: checkpoint, result.json and metrics.jsonl. Online IL's divergence shows in
+    sampling, and is one line there too."""
+    from errors import UsageError
     d, _ = tiny_runs
     shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror")
     before = snapshot_files(tmp_path / "mirror")
-    out = train("--mode", mode, "--out-dir", str(tmp_path), *TINY, "--lr", "1e30", check=False)
-    assert out.returncode != 0
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: non-finite") and "no checkpoint of this run" in lines[0], out.stderr
+    diverge_from(monkeypatch, 0)
+    with pytest.raises(UsageError, match="^non-finite .*no checkpoint of this run"):
+        in_process(["--mode", mode, "--out-dir", str(tmp_path), *TINY])
     assert snapshot_files(tmp_path / "mirror") == before
 
 
-def test_online_il_that_diverges_keeps_its_last_good_checkpoint(tiny_runs, tmp_path):
+def test_online_il_that_diverges_keeps_its_last_good_checkpoint(tiny_runs, tmp_path, monkeypatch):
     """The online loop stops with one line, as SFT does, and what it keeps trains on."""
+    from errors import UsageError
     d, _ = tiny_runs
     shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("onpolicy*"))
     args = ["--mode", "onpolicy", "--out-dir", str(tmp_path), *TINY, "--save-every", "1"]
     train(*args, "--steps", "5")
-    out = train(*args, "--steps", "10", "--resume", "--lr", "1e30", check=False)
-    lines = out.stderr.strip().splitlines()
-    assert out.returncode != 0 and len(lines) == 1 and "last good checkpoint is kept" in lines[0], out.stderr
+    diverge_from(monkeypatch, 5)
+    with pytest.raises(UsageError, match="last good checkpoint is kept"):
+        in_process([*args, "--steps", "10", "--resume"])
     ck = torch.load(tmp_path / "mirror" / "onpolicy-small-g1.pt", weights_only=True)
     assert ck["step"] == 5 and all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
 def test_word_level_distillation_trains_on_its_own_loss(tiny_runs, tmp_path):
     """--sft-loss forward_kl reaches sft.train: its first step's loss is the forward KL to the
-    expert's scores, not the cross-entropy of the plain SFT run (an argument once went missing)."""
+    expert's scores, not the cross-entropy of the plain SFT run."""
     d, _ = tiny_runs
     shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("onpolicy*", "sft*"))
     train("--mode", "sft", "--out-dir", str(tmp_path), *TINY, "--steps", "1")
@@ -457,19 +486,19 @@ def test_word_level_distillation_trains_on_its_own_loss(tiny_runs, tmp_path):
         rows = (tmp_path / "mirror" / f"{name}.metrics.jsonl").read_text().splitlines()
         return next(json.loads(r)["loss"] for r in rows if '"loss"' in r)
 
-    ce, fkl = first_loss("sft-small"), first_loss("sft-small-fkl")
+    ce, fkl = first_loss("sft-small"), first_loss("sft-small-forward_kl")
     assert 0 < fkl < ce  # the KL is the cross-entropy less the expert's entropy
 
 
 def test_an_expert_on_a_plateau_is_trained_again_from_another_init(tmp_path, monkeypatch):
     """--expert-restarts: an attempt that ends below --expert-min-reward is trained again from
-    another init on the same data; one that converges is the expert as before (no restart)."""
+    another init on the same data; one that converges at once is the role's own init (no restart)."""
     import train as train_py
     cfg = train_py.parse_args([*TINY, "--expert-steps", "2", "--out-dir", str(tmp_path), "--expert-min-reward", "0.9"])
     env = train_py.setup(cfg)
     trained = []
 
-    def fake_fit(cfg, env, name, model, steps, lr, loop, data, *args, **kw):
+    def fake_fit(cfg, env, kind, name, model, steps, lr, loop, data, *args, **kw):
         trained.append((name, model.wte.weight.detach().clone(), data["response"]))
         return model
 
@@ -482,7 +511,7 @@ def test_an_expert_on_a_plateau_is_trained_again_from_another_init(tmp_path, mon
         assert len(trained) == n  # the last attempt is returned either way; the gate then refuses it
         assert all(torch.equal(t[2], trained[0][2]) for t in trained)  # the same data each time
         assert all(not torch.equal(a[1], b[1]) for a, b in zip(trained, trained[1:]))  # another init each time
-    first = train_py.new_model(cfg, env, cfg.expert_size, "expert").wte.weight  # the first attempt is the old expert
+    first = train_py.new_model(cfg, env, cfg.expert_size, "expert").wte.weight  # the first attempt: the role's init
     assert torch.equal(trained[0][1], first)
     # the realizable base: the same loop, with the expert's reward less 0.05 as its bar
     trained.clear()
@@ -493,21 +522,20 @@ def test_an_expert_on_a_plateau_is_trained_again_from_another_init(tmp_path, mon
     assert torch.equal(trained[0][1], train_py.new_model(cfg, env, "small", "student").wte.weight)
 
 
-def test_a_pointer_checkpoint_from_before_no_copy_is_still_reused(tmp_path):
-    """PointerTask gained `copy`; a checkpoint saved without it is the copy task, as it was."""
+def test_a_checkpoint_from_an_older_version_is_one_line(tmp_path):
+    """A checkpoint whose config lacks a flag that changes its run (made before the flag existed)
+    is refused with one line that says so, never reused under a guessed meaning."""
+    import runtime
     import train as train_py
     from model import save_checkpoint
-    cfg = train_py.parse_args(["--task", "pointer", *TINY[2:], "--out-dir", str(tmp_path), "--expert-steps", "0"])
+    cfg = train_py.parse_args([*TINY, "--out-dir", str(tmp_path), "--expert-steps", "0"])
     env = train_py.setup(cfg)
     expert = train_py.new_model(cfg, env, cfg.expert_size, "expert")
-    ident = train_py.identity(env, expert.cfg, None)
-    old_task = {k: v for k, v in ident["task"].items() if k != "copy"}
-    path = tmp_path / "old-expert.pt"
-    save_checkpoint(str(path), expert, **{**ident, "task": old_task}, step=0, total=0)
-    assert train_py.load_finished(str(path), env, cfg.expert_size, None) is not None
-    cfg2 = train_py.parse_args(["--task", "pointer", "--no-copy", *TINY[2:], "--out-dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="made for task="):  # but never for the --no-copy task
-        train_py.load_finished(str(path), train_py.setup(cfg2), cfg.expert_size, None)
+    config = {k: v for k, v in vars(cfg).items() if k != "warmup"}
+    path = tmp_path / "mirror" / "expert.pt"
+    save_checkpoint(str(path), expert, **runtime.identity(env, expert.cfg, None), config=config, step=0, total=0)
+    with pytest.raises(ValueError, match="made by an older version of this code \\(--warmup not recorded\\)"):
+        train_py.load_finished(str(path), cfg, env, "expert", cfg.expert_size, None)
 
 
 def test_an_expert_stops_at_convergence_and_is_reused_only_by_the_same_schedule(tmp_path):
@@ -524,6 +552,6 @@ def test_an_expert_stops_at_convergence_and_is_reused_only_by_the_same_schedule(
     out = train("--mode", "base", "--out-dir", d, *TINY, "--stop-at", "0.5")
     assert "training expert" not in out.stdout  # reused as a finished expert
     out = train("--mode", "base", "--out-dir", d, *TINY, check=False)
-    assert out.returncode == 1 and "was trained with --stop-at 0.5, this run asks for 0.0" in out.stderr
+    assert out.returncode == 1 and "was trained with --stop-at 0.5 (this run: 0.0)" in out.stderr
     out = train("--mode", "base", "--out-dir", d, *TINY, "--stop-at", "0.5", "--eval-every", "10", check=False)
-    assert out.returncode == 1 and "was trained with --eval-every 20, this run asks for 10" in out.stderr
+    assert out.returncode == 1 and "was trained with --eval-every 20 (this run: 10)" in out.stderr

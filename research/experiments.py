@@ -1,10 +1,11 @@
 """The experiments, end to end from an empty folder: each trains what it needs with train.py
 (one torch thread per job, --jobs at a time), prints its tables, and writes report.md.
 
-    python experiments.py --grid --seeds 3        # realizable vs misspecified: expert, SFT, online IL
-    python experiments.py --ablation --seeds 3    # which ingredient of online IL carries the win
-    python experiments.py --horizon --seeds 3     # reward vs horizon H on the pointer task
-    (python toy.py: the exact H=1 projections, no training)
+    python -m research.experiments --grid --seeds 3        # realizable vs misspecified: expert, SFT, online IL
+    python -m research.experiments --ablation --seeds 3    # which ingredient of online IL carries the win
+    python -m research.experiments --horizon --seeds 3     # reward vs horizon H on the pointer task
+    python -m research.experiments --grid --print-commands # the train.py commands, dependencies first
+    (python -m research.toy: the exact H=1 projections, no training)
 
 A finished job leaves <run>.result.json with its settings; a rerun skips it (and refuses one
 made with other settings), so an interrupted experiment continues where it stopped (and a
@@ -15,6 +16,9 @@ import os
 import statistics
 import sys
 
+if __package__ in (None, ""):  # run as python research/experiments.py: the imports live in the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 try:  # optional: reward_vs_step.png beside the text plots
     import matplotlib
     matplotlib.use("Agg")
@@ -22,9 +26,12 @@ try:  # optional: reward_vs_step.png beside the text plots
 except ImportError:
     plt = None
 
+from data import TASKS
 from errors import OneLineParser, UsageError
-from eval import Report, mean_std, reward_curve, sparkline, table
-from jobs import ABLATION, GRID, glue_train_args, grid_jobs, read_results, run_jobs
+from eval import reward_curve, sparkline
+from research.jobs import (ABLATION, GRID, glue_train_args, grid_jobs, long_horizon_lr, metrics_paths, read_results,
+                           run_jobs)
+from research.report import Report, mean_std, table
 
 
 # ----------------------------------------------------------------------------- tables and reports
@@ -57,23 +64,18 @@ def claim_counts(res, expert_size, small, expert_bar=0.95):
     return lines
 
 
-def curve(run_dirs, task, name):
-    """Held-out reward vs step as one line of block characters (mean over seeds), e.g. ▁▃▆██."""
-    return reward_curve([os.path.join(d, task, f"{name}.metrics.jsonl") for d in run_dirs])
-
-
-def plot_curves(run_dirs, task, student_sizes, methods, path):
+def plot_curves(jobs, run_dirs, student_sizes, methods, path):
     """Held-out reward vs step per method (optional: needs matplotlib)."""
     if plt is None:
         print("(matplotlib is not installed: no reward_vs_step.png; the text curves above show the same)")
         return None
     fig, axes = plt.subplots(1, len(student_sizes), figsize=(6 * len(student_sizes), 4), squeeze=False)
     for ax, size in zip(axes[0], student_sizes):
-        for j, (label, _, name) in enumerate(methods):
+        for j, (label, _) in enumerate(methods):
             if label in ("expert", "base"):
                 continue
-            for i, d in enumerate(run_dirs):
-                with open(os.path.join(d, task, f"{name(size)}.metrics.jsonl")) as f:
+            for i, path_i in enumerate(metrics_paths(jobs, run_dirs, label, size)):
+                with open(path_i) as f:
                     pts = [json.loads(l) for l in f if "eval_reward" in l]
                 ax.plot([p["step"] for p in pts], [p["eval_reward"] for p in pts], color=f"C{j}", alpha=0.8,
                         label=label if i == 0 else None)
@@ -90,7 +92,7 @@ def seed_runs(a, train_args):
     return dirs, [(d, ["--seed", str(s), *train_args]) for s, d in enumerate(dirs)]
 
 
-# Countdown's recipe (README, "Countdown"): the expert is 4 layers deep (2 layers reached 0.69
+# Countdown's recipe (RESULTS.md, "Countdown"): the expert is 4 layers deep (2 layers reached 0.69
 # after 15000 steps on seed 0), trained for COUNTDOWN_STEPS (12000 reached 0.8 on 1 seed of 3,
 # 24000 on 2 of 3), and the warm-start base takes as many steps, so that the realizable student
 # is trained as long as its expert. Held out: 1024 prompts, a tighter estimate than 256 for a
@@ -117,8 +119,11 @@ def grid(a, train_args):
     train_args = [*train_args[:2], *recipe, *train_args[2:]]  # --task T, the recipe, then --train-args
     dirs, runs = seed_runs(a, train_args)
     report = Report(f"{a.task}: realizable vs misspecified, {a.seeds} seeds")  # its clock starts here
-    wall = run_jobs(grid_jobs(runs, a.task, expert_size, sizes, GRID), a.jobs)
-    res = read_results(dirs, a.task, sizes, GRID)
+    jobs = grid_jobs(runs, expert_size, sizes, GRID)
+    wall = run_jobs(jobs, a.jobs, a.print_commands)
+    if wall is None:
+        return
+    res = read_results(jobs, dirs)
     rows = {f"{expert_size}: same as expert (realizable)": expert_size,
             **{f"{s}: smaller (misspecified)": s for s in small}}
     for key, what in (("reward", "held-out reward at temperature 1"), ("reward_greedy", "held-out reward, greedy decoding"),
@@ -133,13 +138,13 @@ def grid(a, train_args):
     report.add("follow: per answer token (end token last), the probability of the right next token after "
                "a correct prefix, mean over seeds (about 1/2: cannot tell the two modes apart there)",
                [f"{size:<7} {label:<13} " + " ".join(f"{v:.2f}" for v in mean_follow(res[(label, size)]))
-                for size in sizes for label, _, _ in GRID if (label, size) in res and not (label == "expert" and size != expert_size)])
+                for size in sizes for label, _ in GRID if (label, size) in res])
     report.add("held-out reward vs step (text plot, mean over seeds, 0 to 1)",
-               [f"{size:<7} {label:<13} {curve(dirs, a.task, name(size))}"
-                for size in sizes for label, _, name in GRID if label not in ("expert", "base")])
+               [f"{size:<7} {label:<13} {reward_curve(metrics_paths(jobs, dirs, label, size))}"
+                for size in sizes for label, _ in GRID if label not in ("expert", "base")])
     with open(os.path.join(a.out_dir, "results.json"), "w") as f:
         json.dump({f"{l}|{s}": v for (l, s), v in res.items()}, f)
-    png = plot_curves(dirs, a.task, sizes, GRID, os.path.join(a.out_dir, "reward_vs_step.png"))
+    png = plot_curves(jobs, dirs, sizes, GRID, os.path.join(a.out_dir, "reward_vs_step.png"))
     if png:
         report.add("figures", [f"![reward vs step]({os.path.basename(png)})"])
     report.write(a.out_dir)
@@ -151,28 +156,25 @@ def ablation(a, train_args):
     train_args = [*train_args[:2], *task_recipe(a.task)[1], *train_args[2:]]  # as the grid, so they share runs
     dirs, runs = seed_runs(a, train_args)
     report = Report(f"{a.task}: ablation of online IL, {a.seeds} seeds")
-    wall = run_jobs(grid_jobs(runs, a.task, expert_size, [small], ABLATION), a.jobs)
-    res = read_results(dirs, a.task, [small], ABLATION)
+    jobs = grid_jobs(runs, expert_size, [small], ABLATION)
+    wall = run_jobs(jobs, a.jobs, a.print_commands)
+    if wall is None:
+        return
+    res = read_results(jobs, dirs)
     report.add(f"{a.task}, student {small} (misspecified), mean ± std over {a.seeds} seeds ({wall / 60:.1f} min wall)",
                table("method", [m[0] for m in ABLATION], ["reward", "reward_greedy", "rev_kl", "fwd_kl", "coverage"],
                      lambda r, c: mean_std([x[c] for x in res[(r, small)]])))
     report.write(a.out_dir, "report-ablation.md")  # beside the grid's report.md when it shares its runs
 
 
-# The sweep's recipe. At medium's own lr (1e-3) and 1500 steps, the signed pointer expert
-# stopped at 0.54, 0.71, 0.50 for H = 4, 8, 16 (seed 0; greedy 1.00); at 3e-3 it leaves its
-# plateau (copying learned, pointers not) after 500 to 5000 steps, depending on the seed. At
-# H = 1, 3e-3 stalled one expert in three and 1e-3 none, and the small student needs its own
-# 1e-2 there (results/horizon). So H <= 2 keeps every size's own lr; above, every run (expert,
-# base, SFT, online, both sizes) takes 3e-3. The expert and the bases stop at their first
-# held-out check with every answer right (--stop-at 1; a base: at its expert's reward if
-# lower), within 6000 and 4000 steps; the gate is on, so an expert or a realizable base that
-# misses is trained again from another init (--expert-restarts), as the default command does.
-# --train-args come after the recipe and override it.
+# The sweep's recipe. At H <= 2 every size keeps its own lr; above, 3e-3 (long_horizon_lr). The
+# expert and the bases stop at their first held-out check with every answer right (--stop-at 1; a
+# base: at its expert's reward if lower), within 6000 and 4000 steps; the gate is on, so an expert
+# or a realizable base that misses is trained again from another init (--expert-restarts), as the
+# default command does. --train-args come after the recipe and override it.
 def horizon_recipe(h):
-    lr = [] if h <= 2 else ["--expert-lr", "3e-3", "--lr", "3e-3"]
     return ["--expert-steps", "6000", "--base-steps", "4000", "--stop-at", "1", "--eval-every", "100",
-            "--expert-min-reward", "0.95", *lr]
+            "--expert-min-reward", "0.95", *long_horizon_lr(h)]
 
 
 def steps_trained(run_dir, name):
@@ -211,13 +213,15 @@ def horizon(a, train_args):
             for h in hs for s in range(a.seeds)}
     report = Report(f"pointer: reward vs horizon H, {a.seeds} seed(s)")
     # the longest horizon's runs first: they are the longest chains (expert, base, then a method)
-    jobs = grid_jobs([runs[k] for k in sorted(runs, key=lambda k: (-k[0], k[1]))], "pointer", expert_size, sizes, GRID)
-    done = sum(os.path.exists(job[-1]) for job in jobs)  # a rerun times only what it trains
-    wall = run_jobs(jobs, a.jobs)
+    jobs = grid_jobs([runs[k] for k in sorted(runs, key=lambda k: (-k[0], k[1]))], expert_size, sizes, GRID)
+    done = sum(os.path.exists(j.result) for j in jobs)  # a rerun times only what it trains
+    wall = run_jobs(jobs, a.jobs, a.print_commands)
+    if wall is None:
+        return
     report.add("wall time" + (", in one piece" if not done else ""),
                [f"{wall / 60:.1f} min for {len(jobs) - done} train.py runs" + (f" (and {done} done before)" if done else "")
                 + f", {a.jobs} at a time, one torch thread each"])
-    res = {h: read_results([runs[(h, s)][0] for s in range(a.seeds)], "pointer", sizes, GRID) for h in hs}
+    res = {h: read_results(jobs, [runs[(h, s)][0] for s in range(a.seeds)]) for h in hs}
     for size in sizes:
         kind = "realizable" if size == expert_size else "misspecified"
         for key, how in (("reward", "temperature 1"), ("reward_greedy", "greedy")):
@@ -261,12 +265,14 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="horizon: seed 0 alone (the same runs as seed 0 of the full sweep)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--jobs", type=int, default=2, help="training runs in parallel")
-    p.add_argument("--task", default="mirror", choices=("mirror", "pointer", "countdown"), help="task (grid, ablation)")
+    p.add_argument("--task", default="mirror", choices=tuple(TASKS), help="task (grid, ablation)")
     p.add_argument("--sizes", default="", help="the expert's size, then the misspecified size(s) (default: medium,small; "
                    "countdown 4x64x4,small)")
     p.add_argument("--horizons", default="1,2,4,8,16", help="horizon: the values of H (each one adds a full grid per seed)")
     p.add_argument("--out-dir", default="", help="where runs go (default out/<experiment>)")
     p.add_argument("--train-args", default="", help="extra flags for every train.py run, quoted")
+    p.add_argument("--print-commands", action="store_true", help="print the train.py commands in dependency order "
+                   "(for a scheduler of your own) instead of running them")
     a = p.parse_args(glue_train_args(argv))
     chosen = [k for k in ("grid", "ablation", "horizon") if getattr(a, k)]
     if len(chosen) != 1:

@@ -12,9 +12,9 @@ of a uniform guess, and of a guess at the prompt's own digits, whichever is less
 prediction is set beside P("+") of each trained student, computed exactly from its first-token
 distribution, and its reward at temperature 1 and greedy.
 
-    python modes.py --seeds 3                        # p = 0.5, 0.2, 0.1, 0.05 at H = 1; out/modes/report.md
-    python modes.py --seeds 3 --horizons 1,4         # and H = 4 (6000 expert steps at 3e-3 there)
-    python modes.py --claims --seeds 3               # the paper's three rows: realizable; misspecified,
+    python -m research.modes --seeds 3               # p = 0.5, 0.2, 0.1, 0.05 at H = 1; out/modes/report.md
+    python -m research.modes --seeds 3 --horizons 1,4   # and H = 4 (6000 expert steps at 3e-3 there)
+    python -m research.modes --claims --seeds 3      # the paper's three rows: realizable; misspecified,
                                                      # reward-relative (mirror); not reward-relative
                                                      # (pointer --no-copy); out/claims/report.md
 
@@ -25,15 +25,18 @@ import math
 import os
 import sys
 
+if __package__ in (None, ""):  # run as python research/modes.py: the imports live in the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import torch
 
-from data import encode_prompts, eval_prompts, make_task, saved_task, seed_for, task_tokenizer
+from data import encode_prompts, eval_prompts, seed_for
 from errors import OneLineParser, UsageError
-from eval import Report, mean_std, sparkline, table
-from jobs import BASE, EXPERT, GRID, SFT, glue_train_args, grid_jobs, online, read_results, run_jobs
+from eval import checkpoint_task, sparkline
 from model import load_checkpoint
+from research.jobs import GRID, glue_train_args, grid_jobs, long_horizon_lr, read_results, run_jobs
+from research.report import Report, mean_std, table
 
-METHODS = [EXPERT, BASE, SFT, online("online (γ=1)"), online("online (γ=0)", "--gamma", "0")]
 STUDENTS = ("offline SFT", "online (γ=1)", "online (γ=0)")
 
 
@@ -81,12 +84,14 @@ def claims(a):
     runs = {(t, s): (os.path.join(a.out_dir, t.replace("--", "").replace(" ", "-").replace("task-", ""), f"seed{s}"),
                      ["--seed", str(s), *flags, *a.train_args.split()]) for t, flags in tasks.items() for s in range(a.seeds)}
     report = Report(f"the paper's characterization: three rows, {a.seeds} seed(s)")
-    wall = run_jobs([j for t, flags in tasks.items() for j in grid_jobs(
-        [runs[(t, s)] for s in range(a.seeds)], flags[1], "medium", ["medium", "small"], GRID)], a.jobs)
+    jobs = [j for t in tasks for j in grid_jobs([runs[(t, s)] for s in range(a.seeds)], "medium", ["medium", "small"], GRID)]
+    wall = run_jobs(jobs, a.jobs, a.print_commands)
+    if wall is None:
+        return
     lines = [f"{'student, and what it can represent':<62}| {'offline SFT':^15} | {'online (γ=1)':^15} | claim, over seeds"]
     for label, flags, size, claim, check in CLAIM_ROWS:
         t = " ".join(flags)
-        res = read_results([runs[(t, s)][0] for s in range(a.seeds)], flags[1], [size], GRID)
+        res = read_results(jobs, [runs[(t, s)][0] for s in range(a.seeds)])
         per_seed = [{m[0]: res[(m[0], size)][s]["reward"] for m in GRID} for s in range(a.seeds)]
         ok = sum(check(r) for r in per_seed)
         lines.append(f"{label:<62}| {mean_std([r['offline SFT'] for r in per_seed]):^15} | "
@@ -104,6 +109,8 @@ def main(argv=None):
     p.add_argument("--horizons", default="1", help="the values of H")
     p.add_argument("--out-dir", default="", help="where runs go (default out/modes, or out/claims)")
     p.add_argument("--train-args", default="", help="extra flags for every train.py run, quoted")
+    p.add_argument("--print-commands", action="store_true", help="print the train.py commands in dependency order "
+                   "(for a scheduler of your own) instead of running them")
     a = p.parse_args(glue_train_args(argv))
     try:
         ps, hs = [float(x) for x in a.weights.split(",")], [int(x) for x in a.horizons.split(",")]
@@ -117,19 +124,21 @@ def main(argv=None):
     # H = 1 keeps the pipeline's defaults (the pointer expert converges there); longer H the recipe
     # results/modes was measured with: 6000 expert and base steps, every run at 3e-3 above H = 2
     recipe = {h: [] if h == 1 else ["--expert-steps", "6000", "--base-steps", "6000", "--eval-every", "250",
-                                    *([] if h <= 2 else ["--expert-lr", "3e-3", "--lr", "3e-3"])] for h in hs}
+                                    *long_horizon_lr(h)] for h in hs}
     runs = {(x, h, s): (os.path.join(a.out_dir, f"p{x:g}", f"H{h}", f"seed{s}"),
                         ["--seed", str(s), "--task", "pointer", "--answer-len", str(h), "--mode-weight", f"{x:g}",
                          *recipe[h], *a.train_args.split()])
             for x in ps for h in hs for s in range(a.seeds)}
     report = Report(f"pointer: the mode-weight law, {a.seeds} seed(s)")
-    wall = run_jobs(grid_jobs(list(runs.values()), "pointer", "medium", ["small"], METHODS), a.jobs)
+    jobs = grid_jobs(list(runs.values()), "medium", ["small"], GRID)
+    wall = run_jobs(jobs, a.jobs, a.print_commands)
+    if wall is None:
+        return
     rows, measured = [], {}
     for (x, h, s), (d, _) in runs.items():
-        res = read_results([d], "pointer", ["small"], METHODS)
+        res = read_results(jobs, [d])
         expert, ck = load_checkpoint(os.path.join(d, "pointer", "expert.pt"))
-        task = make_task("pointer", **{k: v for k, v in saved_task(ck["task"]).items() if k != "name"})
-        tok = task_tokenizer(task)
+        task, tok = checkpoint_task(d, ck)
         prompts = eval_prompts(task, ck["config"]["eval_prompts"], seed=seed_for(s, "held-out"))
         c, c_uniform, c_guess = minus_price(expert, tok, task, prompts)
         m = dict(c=c, c_uniform=c_uniform, c_guess=c_guess, q_expert=first_token_plus(expert, tok, prompts),
@@ -138,8 +147,11 @@ def main(argv=None):
         q_e = min(max(m["q_expert"], 1e-12), 1 - 1e-12)  # the weight this expert gives "+", near p
         z = math.log(q_e / (1 - q_e)) + h * c
         m["q_pred"] = 1 / (1 + math.exp(-z)) if z > -700 else 0.0
-        for label, _, name in METHODS[2:]:
-            student, _ = load_checkpoint(os.path.join(d, "pointer", f"{name('small')}.pt"))
+        for j in jobs:
+            if j.key[0] != d or j.key[1] not in STUDENTS:
+                continue
+            label = j.key[1]
+            student, _ = load_checkpoint(j.result.replace(".result.json", ".pt"))
             r = res[(label, "small")][0]
             m[label] = dict(q=first_token_plus(student, tok, prompts), reward=r["reward"], greedy=r["reward_greedy"])
         measured[(x, h, s)] = m

@@ -1,7 +1,7 @@
 """Benchmark the sampler and the log-prob kernels against the alternatives, in one run.
 
-    python bench.py --threads 1              # everything; kernels at N=4096, d=768, V=50257, fp32
-    python bench.py --rows kernels --n 1024 --v 8192 --reps 3 --device cuda --dtype bfloat16
+    python -m research.bench --threads 1             # everything; kernels at N=4096, d=768, V=50257, fp32
+    python -m research.bench --rows kernels --n 1024 --v 8192 --reps 3 --device cuda --dtype bfloat16
 
 Sampler: tokens/s of model.GPT.generate with its KV cache against recomputing the whole
 prefix at every step, on mirror prompts at batch 128: the default expert (medium) and
@@ -30,9 +30,13 @@ import argparse
 import json
 import platform
 import resource
+import os
 import subprocess
 import sys
 import time
+
+if __package__ in (None, ""):  # run as python research/bench.py: the imports live in the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 

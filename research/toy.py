@@ -6,11 +6,15 @@
    probability p and the other ("-", then H digits the student cannot compute) otherwise. How
    often does each method's student write "+", and what reward does that buy, as p and H vary?
 
-    python toy.py    # both tables, text bars and plots; writes out/toy/report.md
+    python -m research.toy    # both tables, text bars and plots; writes out/toy/report.md
 """
 import argparse
 import math
 import os
+import sys
+
+if __package__ in (None, ""):  # run as python research/toy.py: the imports live in the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
@@ -22,7 +26,8 @@ except ImportError:
     plt = None
 
 from errors import OneLineParser
-from eval import Report, sparkline, table
+from eval import sparkline
+from research.report import Report, table
 
 
 def toy(K=10, eps=0.01):
