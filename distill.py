@@ -78,7 +78,7 @@ def online_loss(run, expert, batch, cfg):
     # the return of each token: what writing it cost later, sum_{t>s} gamma^(t-s) D_t (no gradient)
     returns = returns_to_go(D.detach(), mask, cfg.gamma, include_current=False)
     # the advantage: minus the leave-one-out mean of the other rows' returns there, / its std
-    adv = advantages(returns, own, cfg.baseline, cfg.normalize_adv, total=run.global_sum if run.world > 1 else None)
+    adv = advantages(returns, own, cfg.baseline, cfg.normalize_adv, total=run.global_sum)
     # + adv * log q: the return is a cost (KL still to come), so descending this lowers the
     # probability of the tokens whose future costs more than the other rows' did
     return D * mask + adv * logq * own, D
@@ -101,7 +101,7 @@ def sampled_token_loss(run, expert, batch, cfg):
         logp = token_logprobs(h_e, expert.unembedding, targets, temperature=T, fused=cfg.fused).view(mask.shape)
     logq = token_logprobs(h, W, targets, temperature=T, fused=cfg.fused).view(mask.shape)
     returns = returns_to_go((logq.detach() - logp) * mask, mask, cfg.gamma, include_current=True)
-    return advantages(returns, mask, cfg.baseline, cfg.normalize_adv, total=run.global_sum if run.world > 1 else None) * logq, D
+    return advantages(returns, mask, cfg.baseline, cfg.normalize_adv, total=run.global_sum) * logq, D
 
 
 LOSSES = dict(full=online_loss, sampled=sampled_token_loss)  # --estimator
@@ -119,31 +119,22 @@ def returns_to_go(cost, mask, gamma, include_current):
     return out * mask
 
 
-def advantages(returns, mask, baseline=True, normalize=True, std_floor=1.0, total=None):
+def advantages(returns, mask, baseline=True, normalize=True, std_floor=1.0, total=lambda x: x):
     """Returns minus a leave-one-out baseline: at each position, the mean return of the *other*
     rows there (it does not depend on the row's own tokens, so the gradient stays unbiased; a
     row alone at its position gets no baseline). normalize: divide by the std over all tokens,
     never by less than std_floor (nats), so normalising only ever shrinks the REINFORCE term.
-    total(x): x summed over every rank (torchrun), so that both are the global batch's; None on
-    one process."""
+    total(x): x summed over every rank (run.global_sum; the identity on one process), so that
+    both statistics are the global batch's under torchrun."""
     adv = returns * mask
-    if total is None:
-        if baseline:
-            n, sums = mask.sum(0), (returns * mask).sum(0)
-            others = torch.where(n > 1, (sums - returns) / (n - 1).clamp(min=1), 0.0)
-            adv = (returns - others) * mask
-        if normalize and mask.sum() > 1:
-            adv = adv / adv[mask].std().clamp(min=std_floor)
-        return adv
-    # the same statistics over the ranks' rows: padded to the longest response of any rank
-    R = int(total(torch.tensor(mask.shape[1])).item())  # an upper bound on every rank's width
-    per_pos = torch.zeros(2, R, device=mask.device)
-    per_pos[0, :mask.shape[1]], per_pos[1, :mask.shape[1]] = mask.sum(0), (returns * mask).sum(0)
-    n, sums = total(per_pos)[:, :mask.shape[1]]
-    if baseline:
+    if baseline:  # per position: how many rows reach it, and their returns' sum, over every rank
+        R = int(total(torch.tensor(mask.shape[1])).item())  # at least the widest rank's width
+        per_pos = torch.zeros(2, R, device=mask.device)
+        per_pos[0, :mask.shape[1]], per_pos[1, :mask.shape[1]] = mask.sum(0), (returns * mask).sum(0)
+        n, sums = total(per_pos)[:, :mask.shape[1]]
         others = torch.where(n > 1, (sums - returns) / (n - 1).clamp(min=1), 0.0)
         adv = (returns - others) * mask
-    if normalize:
+    if normalize:  # std = sqrt(sum (a - mean)^2 / (count - 1)) over every rank's tokens
         count, s1 = total(torch.stack([mask.sum().float(), adv[mask].sum()]))
         if count > 1:
             s2 = total(((adv[mask] - s1 / count) ** 2).sum())

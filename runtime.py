@@ -3,9 +3,7 @@
 setup(cfg) -> env: device (CUDA when present), torch.distributed ranks when launched by
     torchrun (gloo on CPU, NCCL on CUDA), threads, output folder, tokenizer, task, held-out
     prompts.
-differences, load_fitting: whether a checkpoint (or a finished run's result) was made by the run
-    asked for, from the flags that change it (train.Config, changes=).
-Run: the optimizer and the learning-rate schedule (SCHEDULES), progress lines and metrics.jsonl,
+Run: the optimizer and the learning-rate schedule (config.SCHEDULES), progress lines and metrics.jsonl,
     atomic checkpoints with RNG states (--resume continues exactly), Ctrl-C (save at the end of
     the step, then exit 130), a non-finite loss or gradient (stop before the step, keep the last
     good checkpoint), the held-out check and --stop-at, and the votes of the ranks under torchrun.
@@ -17,15 +15,16 @@ import os
 import signal
 import sys
 import time
-from dataclasses import MISSING, asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from config import identity, load_fitting, lr_factor
 from data import PromptStream, eval_prompts, make_task, seed_for, task_tokenizer
 from errors import UsageError
-from model import load_checkpoint, make_model, save_checkpoint, write_atomic
+from model import make_model, save_checkpoint, write_atomic
 
 
 def setup(cfg):
@@ -63,80 +62,6 @@ def setup(cfg):
     PromptStream(task, held_out, seed=0).batch(1)  # and so does a held-out set that leaves no training prompts
     return dict(device=device, rank=rank, world=world, dir=out, tok=tok, task=task, block_size=block_size,
                 task_id=dict(asdict(task)), held_out=held_out)
-
-
-# ----------------------------------------------------------------------------- is this the run asked for?
-def flag_name(field_name):
-    return "--" + field_name.replace("_", "-")
-
-
-# a run of each kind depends on the flags that change it and those that change the runs it learns from
-UPSTREAM = dict(expert=("expert",), base=("expert", "base"), sft=("expert", "base", "students", "sft"),
-                onpolicy=("expert", "base", "students", "onpolicy"))
-
-
-def differences(made, cfg, kind, resuming=False):
-    """The flags on which a run of `kind` made with the config `made` (a checkpoint's or a
-    result.json's) differs from cfg, as "--flag MADE (this run: WANTED)": every flag whose
-    `changes` (train.Config) is upstream of kind; resuming: not the step budgets, which --resume
-    may extend. A flag `made` does not record means it was made by an older version: one line."""
-    out = []
-    for f in fields(cfg):
-        when = f.metadata.get("when")
-        if f.metadata.get("changes") not in UPSTREAM[kind] or (when and not getattr(cfg, when)):
-            continue
-        if resuming and f.metadata.get("budget"):
-            continue
-        want = getattr(cfg, f.name)
-        if isinstance(want, dict):  # task_args: the task's flags, one by one
-            pairs = [(k, made.get(f.name, {}).get(k, MISSING), v) for k, v in want.items()]
-        else:
-            pairs = [(f.name, made.get(f.name, MISSING), want)]
-        for name, was, now in pairs:
-            if was is MISSING:
-                raise UsageError(f"made by an older version of this code ({flag_name(name)} not recorded): train "
-                                 f"it again, or give this run another --out-dir")
-            if was != now:
-                out.append(f"{flag_name(name)} {was} (this run: {now})")
-    return out
-
-
-def identity(env, model_cfg, expert_id):
-    """What a checkpoint must match to be loaded by this run: task, tokenizer, model shape, and
-    the fingerprint of the expert it learned from (None for the expert itself), so a retrained
-    expert.pt is never silently paired with old bases and students."""
-    return dict(task=env["task_id"], tokenizer=env["tok"].identity, model_args=asdict(model_cfg), expert=expert_id)
-
-
-def load_fitting(path, cfg, env, kind, model_cfg, expert_id, device=None, resuming=False, **expect):
-    """The model and checkpoint at `path` if it fits this run: its identity (task, tokenizer,
-    shape model_cfg, expert; and `expect`), and for kind ("expert", "base", "sft", "onpolicy"; None:
-    the identity alone) every flag that changes that run. Anything else is one UsageError line."""
-    model, ck = load_checkpoint(path, expect=dict(identity(env, model_cfg, expert_id), **expect),
-                                device=device or env["device"])
-    if kind is not None:
-        try:
-            diff = differences(ck.get("config", {}), cfg, kind, resuming)
-        except UsageError as e:
-            raise UsageError(f"{path}: {e}") from None
-        if diff:
-            raise UsageError(f"{path} was trained with {'; '.join(diff)}: give this run another --out-dir "
-                             f"(or delete the file to train it again)")
-    return model, ck
-
-
-# ----------------------------------------------------------------------------- the learning rate
-# After a linear warmup, the schedule's factor of the peak learning rate at `done` of `length` steps.
-SCHEDULES = dict(
-    cosine=lambda done, length: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done / length)),  # down to 10%
-    constant=lambda done, length: 1.0,
-)
-
-
-def lr_factor(step, total, schedule, warmup):
-    if step < warmup:
-        return (step + 1) / warmup
-    return SCHEDULES[schedule](step - warmup, max(1, total - warmup))
 
 
 # ----------------------------------------------------------------------------- the run

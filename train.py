@@ -13,17 +13,15 @@ The pipeline, per task (checkpoints under <out-dir>/<task>/):
                        random init spends its first ~350 steps at reward 0: EXERCISES.md, 6);
   3. <run name>.pt     the student after offline or online IL (run_name: the method and its own
                        flags), with the same optimizer steps and sequences per step (budget parity).
-Each checkpoint has a <name>.metrics.jsonl beside it. Every flag is a field of Config below,
+Each checkpoint has a <name>.metrics.jsonl beside it. Every flag is a field of config.Config,
 declared once; the task flags are the fields of the tasks in data.TASKS.
 """
-import argparse
 import json
-import math
 import os
 import sys
 import traceback
+from dataclasses import asdict, replace
 from pathlib import Path
-from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -31,192 +29,11 @@ import torch.distributed as dist
 import distill
 import eval as evaluation
 import sft
-from data import PROMPT_STREAMS, TASKS, PromptStream, make_task, seed_for, task_flags
-from errors import OneLineParser, UsageError
+from config import load_fitting, parse_args, run_name
+from data import PROMPT_STREAMS, PromptStream, seed_for
+from errors import UsageError
 from model import fingerprint, make_model, size_spec, write_atomic
-from runtime import SCHEDULES, Run, exit_distributed, flag_name, load_fitting, rank0_print, setup
-
-PIPELINE, OFFLINE, ONLINE, LOGGING, ADVANCED = "pipeline", "offline IL", "online IL", "logging and checkpoints", "advanced"
-
-
-def opt(default, help, group, changes=None, choices=None, lo=None, hi=None, positive=False, **meta):
-    """A Config field, and so a flag: its default, its --help line and group, its choices and range,
-    and `changes`, the first run whose result it changes (and so every run trained from it):
-    "expert", "base" (the student bases), "students" (both methods), "sft" or "onpolicy" (that
-    method alone: such a flag names the run, run_name), or None (where files go, logging,
-    numerics). The reuse of an expert or base, --resume and the experiments' check of a finished
-    run all compare the flags that change the run (runtime.differences). Other keys:
-    when="flag": it changes runs only where that flag is set; budget=True: --resume may extend
-    it; tag="g": always in the run name, as g<value>."""
-    changes = changes or dict(zip((OFFLINE, ONLINE), ("sft", "onpolicy"))).get(group)
-    return field(default=default, metadata=dict(help=help, group=group, changes=changes, choices=choices, lo=lo, hi=hi,
-                                                positive=positive, **meta))
-
-
-@dataclass
-class Config:
-    # ---- the pipeline: which run, with which models and budgets
-    mode: str = opt("onpolicy", "expert | base (the warm-started student) | sft | onpolicy", PIPELINE,
-                    choices=("expert", "base", "sft", "onpolicy"))
-    task: str = opt("mirror", "mirror | pointer (the horizon task) | countdown (countdown.py); its flags: below",
-                    PIPELINE, "expert", choices=tuple(TASKS))
-    expert_size: str = opt("medium", "size of the expert: a name in model.SIZES, or LxWxH", PIPELINE, "expert")
-    student_size: str = opt("small", "size of the student: medium is realizable, small misspecified", PIPELINE, "base")
-    seed: int = opt(0, "seeds every generator: each role (init, data, sampling, rank) derives its own", PIPELINE,
-                    "expert", lo=0, hi=2**31 - 1)
-    expert_steps: int = opt(1500, "expert: optimizer steps on ground truth", PIPELINE, "expert", lo=0, budget=True)
-    expert_lr: float = opt(0.0, "expert: peak learning rate (0: the size's own, model.SIZES)", PIPELINE, "expert", lo=0)
-    expert_min_reward: float = opt(0.95, "quality gate: stop if the expert's held-out reward is below this (0: off)",
-                                   PIPELINE, lo=0, hi=1)
-    expert_restarts: int = opt(2, "an expert below --expert-min-reward is trained again from another init, this often",
-                               PIPELINE, lo=0)
-    stop_at: float = opt(0.0, "expert, base: stop at the first held-out check (--eval-every) at or above this reward "
-                              "(0: run every step; a base stops at its expert's reward if that is lower)", PIPELINE,
-                         "expert", lo=0, hi=1)
-    base_steps: int = opt(600, "student base: warm-start SFT steps on expert samples", PIPELINE, "base", lo=0, budget=True)
-    steps: int = opt(600, "offline and online IL: optimizer steps (the same for both)", PIPELINE, "students", lo=0,
-                     budget=True)
-    batch_size: int = opt(128, "sequences per step, over all ranks (the same for both)", PIPELINE, "expert", lo=1)
-    lr: float = opt(0.0, "student (base, SFT, online): peak learning rate (0: the size's own)", PIPELINE, "base", lo=0)
-    lr_schedule: str = opt("cosine", "after the warmup: cosine (decay to 10% of the peak) | constant", PIPELINE, "expert",
-                           choices=tuple(SCHEDULES))
-    warmup: int = opt(50, "learning-rate warmup steps (linear from 0)", PIPELINE, "expert", lo=0)
-    temperature: float = opt(1.0, "sampling temperature of expert samples and student rollouts", PIPELINE, "base",
-                             positive=True)
-    # ---- offline IL (sft.py)
-    sft_loss: str = opt("ce", "ce (SFT on the expert's tokens) | forward_kl (word-level distillation)", OFFLINE,
-                        choices=tuple(sft.LOSSES))
-    # ---- online IL (distill.py)
-    gamma: float = opt(1.0, "discount of future per-token KLs (1: sequence-level, 0: per-token)", ONLINE, lo=0, hi=1,
-                       tag="g")
-    estimator: str = opt("full", "full (per-token full-vocab KL + REINFORCE) | sampled (sampled-token cost)", ONLINE,
-                         choices=tuple(distill.LOSSES))
-    divergence: str = opt("reverse", "divergence at the student's states: reverse | forward | jsd", ONLINE,
-                          choices=("reverse", "forward", "jsd"))
-    beta: float = opt(0.5, "JSD beta (0 forward KL, 1 reverse KL)", ONLINE, lo=0, hi=1)
-    mix: float = opt(0.0, "GKD lambda: the fraction of each batch sampled by the expert", ONLINE, lo=0)
-    baseline: bool = opt(True, "subtract a leave-one-out batch-mean baseline from each return", ONLINE)
-    normalize_adv: bool = opt(True, "divide advantages by their std (floored at 1 nat)", ONLINE)
-    # ---- logging and checkpoints
-    out_dir: str = opt("out", "checkpoints go to <out-dir>/<task>/", LOGGING)
-    expert_ckpt: str = opt("", "an expert checkpoint to use ('': <out-dir>/<task>/expert.pt, trained if missing)",
-                           LOGGING)
-    eval_prompts: int = opt(256, "held-out prompts for the final evaluation (a quarter: the checks)", LOGGING, "expert",
-                            lo=1)
-    log_every: int = opt(50, "steps between progress lines", LOGGING, lo=1)
-    eval_every: int = opt(50, "steps between held-out reward checks (metrics.jsonl; --stop-at acts on them)", LOGGING,
-                          "expert", lo=1, when="stop_at")
-    save_every: int = opt(100, "steps between checkpoints", LOGGING, lo=1)
-    resume: bool = opt(False, "continue from this run's checkpoint (step, optimizer, RNG states)", LOGGING)
-    # ---- advanced (device, threads, fused and compile change the last digits, not the run)
-    device: str = opt("auto", "auto (cuda if present) | cpu | cuda", ADVANCED, choices=("auto", "cpu", "cuda"))
-    threads: int = opt(1, "torch CPU threads (1: fastest at these sizes; results depend on it; 0: torch's default)",
-                       ADVANCED, lo=0, hi=1024)
-    block_size: int = opt(0, "context length (0: just enough for the task's prompt and response)", ADVANCED, "expert",
-                          lo=0)
-    weight_decay: float = opt(0.0, "AdamW weight decay (linear layers' matrices only)", ADVANCED, "expert", lo=0)
-    grad_clip: float = opt(1.0, "clip the gradient norm to this", ADVANCED, "expert", positive=True)
-    fused: bool = opt(True, "fused log-prob kernels (kernels.py; off: the naive log_softmax reference)", ADVANCED)
-    compile: bool = opt(False, "torch.compile the training forward", ADVANCED)
-    # ---- not a flag: the task's flags (data.TASKS), resolved to the task's own values
-    task_args: dict = field(default_factory=dict, metadata=dict(changes="expert"))
-
-
-def parse_args(argv=None):
-    """Config from the command line: a flag per Config field, and one per task flag (data.TASKS:
-    a flag the chosen task does not take is refused). Then check()."""
-    p = OneLineParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    groups = {}
-    for f in fields(Config):
-        if "group" in f.metadata:
-            group = groups.get(f.metadata["group"]) or groups.setdefault(f.metadata["group"],
-                                                                           p.add_argument_group(f.metadata["group"]))
-            add_flag(group, f.name, f.type, f.default, f.metadata)
-    shared = {}  # a task flag that several tasks take (--digits) is one flag; its default is each task's own
-    for task in TASKS:
-        for name, f in task_flags(task).items():
-            shared.setdefault(name, []).append((task, f))
-    group = p.add_argument_group("task (a flag given to a task that does not take it is an error)")
-    for name, owners in shared.items():
-        defaults = ", ".join(f"{t}: {f.default}" for t, f in owners)
-        add_flag(group, name, owners[0][1].type, argparse.SUPPRESS, dict(owners[0][1].metadata, help=f"{owners[0][1].metadata['help']}"
-                                                            f" ({defaults})"))
-    args = vars(p.parse_args(argv))
-    given = {k: args.pop(k) for k in shared if k in args}  # the task flags given: the rest keep the task's default
-    refused = [k for k in given if k not in task_flags(args["task"])]
-    if refused:
-        raise UsageError(f"task {args['task']} takes no {', '.join(flag_name(k) for k in refused)} (its flags: "
-                         f"{', '.join(map(flag_name, task_flags(args['task']))) or 'none'})")
-    task = make_task(args["task"], **given)  # a bad task setting is one line here
-    cfg = Config(**{f.name: args[f.name] for f in fields(Config) if "group" in f.metadata},
-                 task_args={k: getattr(task, k) for k in task_flags(args["task"])})
-    check(cfg)
-    return cfg
-
-
-def add_flag(group, name, typ, default, meta):
-    typ = {"int": int, "float": float, "str": str, "bool": bool}.get(typ, typ)
-    kw = dict(default=default, help=meta["help"].replace("%", "%%"))  # argparse %-formats help
-    if typ is bool:
-        group.add_argument(flag_name(name), action=argparse.BooleanOptionalAction, **kw)
-    else:
-        group.add_argument(flag_name(name), type=typ, choices=meta.get("choices"), **kw)
-
-
-def check(cfg):
-    """Every bad value is one line before any work is done, never a traceback after the expert trained."""
-    numbers = [f for f in fields(Config) if f.type in (int, float, "int", "float")]
-    bad = [f"{flag_name(f.name)} must be a finite number" for f in numbers if not math.isfinite(getattr(cfg, f.name))]
-    if bad:  # the range checks below would misread NaN
-        raise UsageError("; ".join(bad))
-    for f in numbers:
-        v, lo, hi = getattr(cfg, f.name), f.metadata["lo"], f.metadata["hi"]
-        if lo is not None and hi is not None and not lo <= v <= hi:
-            bad.append(f"{flag_name(f.name)} must be in {lo}..{hi}")
-        elif lo is not None and v < lo:
-            bad.append(f"{flag_name(f.name)} must be >= {lo}")
-        elif f.metadata["positive"] and not v > 0:  # a negative clip norm would flip the gradient: ascent
-            bad.append(f"{flag_name(f.name)} must be > 0")
-    if not cfg.mix < 1:
-        bad.append("--mix must be in [0, 1)")
-    per_rank = cfg.batch_size // int(os.environ.get("WORLD_SIZE", 1))  # torchrun: rows each rank samples
-    if cfg.mix and not 0 < round(cfg.mix * per_rank) < per_rank:
-        bad.append(f"--mix {cfg.mix:g} gives {round(cfg.mix * per_rank)} expert rows of {per_rank} per rank: "
-                   f"a mixed batch needs rows of both")
-    if cfg.estimator == "sampled" and (cfg.divergence != "reverse" or cfg.mix):
-        bad.append("--estimator sampled is the one-sample reverse KL on the student's own rollouts: "
-                   "it takes no --divergence or --mix")
-    if cfg.divergence != "jsd" and cfg.beta != Config.beta:
-        bad.append("--beta applies to --divergence jsd only")
-    if cfg.expert_ckpt and not os.path.exists(cfg.expert_ckpt):
-        bad.append(f"--expert-ckpt {cfg.expert_ckpt}: no such file")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        bad.append("--device cuda, but no CUDA device is available")
-    if bad:
-        raise UsageError("; ".join(bad))
-
-
-def run_name(cfg):
-    """The checkpoint name of cfg's run: expert, base-<size>, or <mode>-<size> followed by each
-    flag of the method's own (changes=mode) that is not at its default, and the tagged ones
-    always: onpolicy-small-g1, onpolicy-small-g0-sampled, sft-small-forward_kl, ..."""
-    if cfg.mode in ("expert", "base"):
-        return "expert" if cfg.mode == "expert" else f"base-{cfg.student_size}"
-    name = f"{cfg.mode}-{cfg.student_size}"
-    for f in fields(Config):
-        v = getattr(cfg, f.name)
-        if f.metadata.get("changes") == cfg.mode and (v != f.default or "tag" in f.metadata):
-            name += "-" + name_tag(f, v)
-    return name
-
-
-def name_tag(f, v):
-    if "tag" in f.metadata:
-        return f"{f.metadata['tag']}{v:g}"  # g1, g0.5
-    if isinstance(v, bool):
-        return ("" if v else "no-") + flag_name(f.name)[2:]  # no-baseline
-    return v if isinstance(v, str) else f"{flag_name(f.name)[2:]}{v:g}"  # sampled, mix0.5
-
+from runtime import Run, exit_distributed, rank0_print, setup
 
 # ----------------------------------------------------------------------------- the pipeline
 def new_model(cfg, env, size, role):
@@ -227,7 +44,7 @@ def new_model(cfg, env, size, role):
 def load_finished(path, cfg, env, kind, size, expert_id):
     """The model of a finished run's checkpoint, None if there is none yet. One made for another
     task, tokenizer, size or expert, or (kind: "expert", "base") with other settings of a flag
-    that changes that run, is a one-line error, never a silent load (runtime.load_fitting)."""
+    that changes that run, is a one-line error, never a silent load (config.load_fitting)."""
     if not os.path.exists(path):
         return None
     model_cfg = make_model(size, env["block_size"], env["tok"].vocab_size, seed=0).cfg

@@ -2,7 +2,7 @@
 trains, the jobs of a grid (expert, bases, methods; dependencies first), a pool that runs them a
 few at a time (or prints their commands for a scheduler of your own), and the check that a
 finished run found in an out-dir is the run asked for. Every run name, and every setting that
-check compares, comes from train.py's Config (train.run_name, runtime.differences).
+check compares, comes from config.Config (config.run_name, config.differences).
 """
 import json
 import os
@@ -14,12 +14,11 @@ from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 
 from errors import UsageError
-from runtime import differences
-from train import parse_args, run_name
+from config import differences, parse_args, run_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A method is (column label, train.py flags); train.run_name names its run.
+# A method is (column label, train.py flags); config.run_name names its run.
 EXPERT, BASE, SFT = ("expert", ["--mode", "expert"]), ("base", ["--mode", "base"]), ("offline SFT", ["--mode", "sft"])
 ONLINE, ONLINE_G0 = ("online (γ=1)", ["--mode", "onpolicy"]), ("online (γ=0)", ["--mode", "onpolicy", "--gamma", "0"])
 GRID = [EXPERT, BASE, SFT, ONLINE, ONLINE_G0]
@@ -43,7 +42,7 @@ Job = namedtuple("Job", "key argv log deps result")
 
 
 def job(key, argv, log, deps):
-    """A train.py job; its result file is where train.py will write it (train.run_name)."""
+    """A train.py job; its result file is where train.py will write it (config.run_name)."""
     cfg = parse_args(["--threads", "1", *argv])
     return Job(key, ["--threads", "1", *argv], log, deps,
                os.path.join(cfg.out_dir, cfg.task, f"{run_name(cfg)}.result.json"))
@@ -111,7 +110,7 @@ def run_jobs(jobs, parallel, print_only=False):
 
 def check_done(done_file, argv):
     """A finished run is reused only if it was made with the settings of every flag that changes
-    it (train.Config): an out-dir left by another recipe is an error, never silently mixed in."""
+    it (config.Config): an out-dir left by another recipe is an error, never silently mixed in."""
     with open(done_file) as f:
         made = json.load(f).get("config") or {}
     cfg = parse_args(argv)

@@ -134,7 +134,7 @@ def main(argv=None):
     wall = run_jobs(jobs, a.jobs, a.print_commands)
     if wall is None:
         return
-    rows, measured = [], {}
+    measured = {}
     for (x, h, s), (d, _) in runs.items():
         res = read_results(jobs, [d])
         expert, ck = load_checkpoint(os.path.join(d, "pointer", "expert.pt"))

@@ -162,7 +162,7 @@ def test_held_out_prompts_fixed_and_disjoint():
 
 
 def test_prompt_stream_stops_when_every_prompt_is_held_out():
-    """2-digit mirror has 100 prompts; holding out all of them used to loop forever."""
+    """2-digit mirror has 100 prompts; holding out all of them leaves none to train on: one line, at once."""
     t = MirrorTask(digits=2)
     held_out = [f"{i:02d}=" for i in range(100)]
     with pytest.raises(ValueError, match="all held out: task mirror has too few distinct prompts"):

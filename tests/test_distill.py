@@ -7,12 +7,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from data import MirrorTask, Tokenizer, encode_prompts, encode_responses
 import distill
+from config import parse_args
+from data import MirrorTask, Tokenizer, encode_prompts, encode_responses
 from distill import advantages, returns_to_go, rollouts
-from kernels import IGNORE, token_divergence, token_logprobs
-from model import make_model, response_hidden
-from train import parse_args
+from model import make_model
 
 tok = Tokenizer()
 

@@ -14,7 +14,7 @@ from countdown import CountdownTask
 from data import MirrorTask, Tokenizer, eval_prompts, make_task, seed_for, task_tokenizer
 from research import experiments, jobs, toy
 from research.report import Report
-from train import parse_args, run_name
+from config import parse_args, run_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,11 +35,11 @@ def test_toy_forward_projection_is_uniform_reverse_picks_one_mode():
 
 
 def test_every_method_trains_a_run_of_its_own():
-    """Each method of the grid and the ablation has its own run name (train.run_name), so no run
+    """Each method of the grid and the ablation has its own run name (config.run_name), so no run
     overwrites another's checkpoint; and every flag of online IL's own, set away from its
     default, names the run too (a new flag needs nothing else)."""
     from dataclasses import fields
-    from train import Config
+    from config import Config
     names = [run_name(parse_args([*flags, "--student-size", "small"])) for _, flags in jobs.ABLATION]
     assert len(set(names)) == len(names) and "onpolicy-small-g1" in names
     default = run_name(parse_args([]))

@@ -12,8 +12,9 @@ import runtime
 from data import PromptStream
 from errors import UsageError
 from model import make_model
-from runtime import Run, lr_factor, setup
-from train import load_finished, parse_args
+from config import lr_factor, parse_args
+from runtime import Run, setup
+from train import load_finished
 
 FLAGS = ["--digits", "2", "--expert-size", "tiny", "--student-size", "tiny", "--batch-size", "4", "--eval-prompts", "8",
          "--device", "cpu"]

@@ -8,7 +8,7 @@ import sft
 from data import Tokenizer, encode_prompts, encode_responses
 from kernels import IGNORE
 from model import make_model, response_hidden
-from train import parse_args
+from config import parse_args
 
 tok = Tokenizer()
 

@@ -200,7 +200,7 @@ def test_help_lists_every_flag_with_its_help():
     line that may hold a '%'."""
     from dataclasses import fields
     from data import TASKS, task_flags
-    from train import Config
+    from config import Config
     out = train("--help", timeout=60)
     assert out.stderr == ""
     names = [f.name for f in fields(Config) if "group" in f.metadata] + [k for t in TASKS for k in task_flags(t)]
@@ -525,15 +525,15 @@ def test_an_expert_on_a_plateau_is_trained_again_from_another_init(tmp_path, mon
 def test_a_checkpoint_from_an_older_version_is_one_line(tmp_path):
     """A checkpoint whose config lacks a flag that changes its run (made before the flag existed)
     is refused with one line that says so, never reused under a guessed meaning."""
-    import runtime
     import train as train_py
+    from config import identity
     from model import save_checkpoint
     cfg = train_py.parse_args([*TINY, "--out-dir", str(tmp_path), "--expert-steps", "0"])
     env = train_py.setup(cfg)
     expert = train_py.new_model(cfg, env, cfg.expert_size, "expert")
-    config = {k: v for k, v in vars(cfg).items() if k != "warmup"}
+    made = {k: v for k, v in vars(cfg).items() if k != "warmup"}
     path = tmp_path / "mirror" / "expert.pt"
-    save_checkpoint(str(path), expert, **runtime.identity(env, expert.cfg, None), config=config, step=0, total=0)
+    save_checkpoint(str(path), expert, **identity(env, expert.cfg, None), config=made, step=0, total=0)
     with pytest.raises(ValueError, match="made by an older version of this code \\(--warmup not recorded\\)"):
         train_py.load_finished(str(path), cfg, env, "expert", cfg.expert_size, None)
 
