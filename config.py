@@ -99,6 +99,7 @@ class Config:
     out_dir: str = opt("out", "checkpoints go to <out-dir>/<task>/", LOGGING)
     expert_ckpt: str = opt("", "an expert checkpoint to use ('': <out-dir>/<task>/expert.pt, trained if missing)",
                            LOGGING)
+    # the held-out prompts are never trained on: their number changes every run's training prompts
     eval_prompts: int = opt(256, "held-out prompts for the final evaluation (a quarter: the checks)", LOGGING, "expert",
                             lo=1)
     log_every: int = opt(50, "steps between progress lines", LOGGING, lo=1)
@@ -128,18 +129,18 @@ def parse_args(argv=None):
     groups = {}
     for f in fields(Config):
         if "group" in f.metadata:
-            group = groups.get(f.metadata["group"]) or groups.setdefault(f.metadata["group"],
-                                                                           p.add_argument_group(f.metadata["group"]))
-            add_flag(group, f.name, f.type, f.default, f.metadata)
+            if f.metadata["group"] not in groups:
+                groups[f.metadata["group"]] = p.add_argument_group(f.metadata["group"])
+            add_flag(groups[f.metadata["group"]], f.name, f.type, f.default, f.metadata)
     shared = {}  # a task flag that several tasks take (--digits) is one flag; its default is each task's own
     for task in TASKS:
         for name, f in task_flags(task).items():
             shared.setdefault(name, []).append((task, f))
     group = p.add_argument_group("task (a flag given to a task that does not take it is an error)")
     for name, owners in shared.items():
+        first = owners[0][1]
         defaults = ", ".join(f"{t}: {f.default}" for t, f in owners)
-        add_flag(group, name, owners[0][1].type, argparse.SUPPRESS, dict(owners[0][1].metadata, help=f"{owners[0][1].metadata['help']}"
-                                                            f" ({defaults})"))
+        add_flag(group, name, first.type, argparse.SUPPRESS, dict(first.metadata, help=f"{first.metadata['help']} ({defaults})"))
     args = vars(p.parse_args(argv))
     given = {k: args.pop(k) for k in shared if k in args}  # the task flags given: the rest keep the task's default
     refused = [k for k in given if k not in task_flags(args["task"])]

@@ -8,7 +8,7 @@ import socket
 import pytest
 import torch
 
-import runtime
+import config
 from data import PromptStream
 from errors import UsageError
 from model import make_model
@@ -126,7 +126,7 @@ def test_resume_reads_the_checkpoint_on_the_cpu(tmp_path, monkeypatch):
     saved = run.prompts.g.get_state(), run.sample_gen.get_state()
     run = make_run(tmp_path, prompt_seed=2)  # resumed by hand below, as --resume does in Run()
     run.device = "cuda:0"  # what a GPU run holds (its sample generator is built already)
-    real = runtime.load_checkpoint
+    real = config.load_checkpoint
 
     def mapped(path, expect=None, device="cpu"):
         model, ck = real(path, expect, "cpu")
@@ -134,7 +134,7 @@ def test_resume_reads_the_checkpoint_on_the_cpu(tmp_path, monkeypatch):
             ck["rng"]["prompts"] = [s.to("meta") for s in ck["rng"]["prompts"]]
         return model, ck
 
-    monkeypatch.setattr(runtime, "load_checkpoint", mapped)
+    monkeypatch.setattr(config, "load_checkpoint", mapped)
     run.resume()
     assert run.start == 3 and torch.equal(run.prompts.g.get_state(), saved[0])
     assert torch.equal(run.sample_gen.get_state(), saved[1])
