@@ -138,6 +138,7 @@ class GPT(nn.Module):
         tokens = torch.cat([prompt, torch.full((B, max_new_tokens), pad_token, device=dev)], 1)
         valid = torch.cat([prompt_valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=dev)], 1)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
+        diverged = torch.zeros((), dtype=torch.bool, device=dev)
         mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=dev)
         n_prompt = prompt_valid.sum(1)
         if use_cache:
@@ -157,15 +158,18 @@ class GPT(nn.Module):
                 logits = logits.masked_fill(logits < kth, -math.inf)
             if temperature == 0:
                 nxt = logits.argmax(-1)
-            else:
-                if not (logits < math.inf).all():  # NaN or +inf (top_k's -inf is fine): multinomial would raise
-                    raise FloatingPointError("non-finite logits while sampling (the weights have diverged)")
-                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(1)
+            else:  # NaN or +inf logits (top_k's -inf is fine) would make multinomial raise: noted, then raised below
+                finite = (logits < math.inf).all(-1, keepdim=True)
+                diverged |= ~finite.all()
+                nxt = torch.multinomial(F.softmax(torch.where(finite, logits, 0.0), -1), 1, generator=generator).squeeze(1)
             nxt = torch.where(done, pad_token, nxt)
             mask[:, t] = ~done
             tokens[:, P + t] = nxt
             done |= nxt == end_token
-            if bool(done.all()) or t == max_new_tokens - 1:
+            stop, bad = torch.stack([done.all(), diverged]).tolist()  # the step's one read from the device
+            if bad:
+                raise FloatingPointError("non-finite logits while sampling (the weights have diverged)")
+            if stop or t == max_new_tokens - 1:
                 break
             if use_cache:
                 pos = (n_prompt + t)[:, None]
