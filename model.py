@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from errors import UsageError
+from errors import OneLineParser, UsageError
 from kernels import IGNORE, token_logprobs
 
 
@@ -276,7 +276,8 @@ def load_checkpoint(path, expect=None, device="cpu"):
     return model.to(device), ck
 
 
-if __name__ == "__main__":  # python model.py: the named sizes and their parameter counts
+if __name__ == "__main__":
+    OneLineParser(description="The named sizes (model.SIZES): their shapes, learning rates and parameter counts.").parse_args()
     for name, spec in SIZES.items():
         n = make_model(name, 16, 22, seed=0).n_params()
         print(f"{name:<7} layers {spec['n_layer']}, width {spec['n_embd']:>3}, heads {spec['n_head']}, "

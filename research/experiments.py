@@ -19,19 +19,12 @@ import sys
 if __package__ in (None, ""):  # run as python research/experiments.py: the imports live in the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-try:  # optional: reward_vs_step.png beside the text plots
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-except ImportError:
-    plt = None
-
 from data import TASKS
 from errors import OneLineParser, UsageError
 from eval import reward_curve, sparkline
-from research.jobs import (ABLATION, GRID, glue_train_args, grid_jobs, long_horizon_lr, metrics_paths, read_results,
-                           run_jobs)
-from research.report import Report, mean_std, table
+from research.jobs import (ABLATION, GRID, add_job_flags, glue_train_args, grid_jobs, long_horizon_lr, metrics_paths,
+                           read_results, run_jobs)
+from research.report import Report, mean_std, plt, table
 
 
 # ----------------------------------------------------------------------------- tables and reports
@@ -263,16 +256,11 @@ def main(argv=None):
                        ("horizon", "reward vs horizon H on the pointer task")):
         p.add_argument(f"--{name}", action="store_true", help=text)
     p.add_argument("--quick", action="store_true", help="horizon: seed 0 alone (the same runs as seed 0 of the full sweep)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
-    p.add_argument("--jobs", type=int, default=2, help="training runs in parallel")
+    add_job_flags(p, "out/<experiment>")
     p.add_argument("--task", default="mirror", choices=tuple(TASKS), help="task (grid, ablation)")
     p.add_argument("--sizes", default="", help="the expert's size, then the misspecified size(s) (default: medium,small; "
                    "countdown 4x64x4,small)")
     p.add_argument("--horizons", default="1,2,4,8,16", help="horizon: the values of H (each one adds a full grid per seed)")
-    p.add_argument("--out-dir", default="", help="where runs go (default out/<experiment>)")
-    p.add_argument("--train-args", default="", help="extra flags for every train.py run, quoted")
-    p.add_argument("--print-commands", action="store_true", help="print the train.py commands in dependency order "
-                   "(for a scheduler of your own) instead of running them")
     a = p.parse_args(glue_train_args(argv))
     chosen = [k for k in ("grid", "ablation", "horizon") if getattr(a, k)]
     if len(chosen) != 1:

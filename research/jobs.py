@@ -143,6 +143,17 @@ def metrics_paths(jobs, run_dirs, label, size):
             if j.key == (d, label, size)]
 
 
+def add_job_flags(p, out_dir):
+    """The flags every experiment takes: its seeds, its parallel jobs, its folder, --train-args
+    and --print-commands."""
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--jobs", type=int, default=2, help="training runs in parallel")
+    p.add_argument("--out-dir", default="", help=f"where runs go (default {out_dir})")
+    p.add_argument("--train-args", default="", help="extra flags for every train.py run, quoted")
+    p.add_argument("--print-commands", action="store_true", help="print the train.py commands in dependency order "
+                   "(for a scheduler of your own) instead of running them")
+
+
 def glue_train_args(argv):
     """--train-args' value starts with "--": glue it on, or argparse takes it for a flag."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -34,7 +34,7 @@ from data import encode_prompts, eval_prompts, seed_for
 from errors import OneLineParser, UsageError
 from eval import checkpoint_task, sparkline
 from model import load_checkpoint
-from research.jobs import GRID, glue_train_args, grid_jobs, long_horizon_lr, read_results, run_jobs
+from research.jobs import GRID, add_job_flags, glue_train_args, grid_jobs, long_horizon_lr, read_results, run_jobs
 from research.report import Report, mean_std, table
 
 STUDENTS = ("offline SFT", "online (γ=1)", "online (γ=0)")
@@ -103,14 +103,9 @@ def claims(a):
 def main(argv=None):
     p = OneLineParser(description="The mode-weight law measured in the GPT (pointer task, misspecified student).")
     p.add_argument("--claims", action="store_true", help="the paper's three rows instead (out/claims by default)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
-    p.add_argument("--jobs", type=int, default=2, help="training runs in parallel")
+    add_job_flags(p, "out/modes, or out/claims")
     p.add_argument("--weights", default="0.5,0.2,0.1,0.05", help="the values of p, the weight of the + mode")
     p.add_argument("--horizons", default="1", help="the values of H")
-    p.add_argument("--out-dir", default="", help="where runs go (default out/modes, or out/claims)")
-    p.add_argument("--train-args", default="", help="extra flags for every train.py run, quoted")
-    p.add_argument("--print-commands", action="store_true", help="print the train.py commands in dependency order "
-                   "(for a scheduler of your own) instead of running them")
     a = p.parse_args(glue_train_args(argv))
     try:
         ps, hs = [float(x) for x in a.weights.split(",")], [int(x) for x in a.horizons.split(",")]

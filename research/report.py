@@ -8,6 +8,13 @@ import time
 
 import torch
 
+try:  # optional: the experiments' figures (reward_vs_step.png, toy.png) beside their text plots
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError:
+    plt = None
+
 
 def mean_std(xs):
     t = torch.tensor(xs, dtype=torch.float64)

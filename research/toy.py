@@ -18,16 +18,9 @@ if __package__ in (None, ""):  # run as python research/toy.py: the imports live
 
 import torch
 
-try:  # optional: toy.png beside the text bars
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-except ImportError:
-    plt = None
-
 from errors import OneLineParser
 from eval import sparkline
-from research.report import Report, table
+from research.report import Report, plt, table
 
 
 def toy(K=10, eps=0.01):
