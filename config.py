@@ -15,6 +15,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 import torch
 
 import distill
+import kernels
 import sft
 from data import TASKS, make_task, task_flags
 from errors import OneLineParser, UsageError
@@ -46,7 +47,7 @@ def opt(default, help, group, changes=None, choices=None, lo=None, hi=None, posi
     run all compare the flags that change the run (differences, below). Other keys:
     when="flag": it changes runs only where that flag is set; budget=True: --resume may extend
     it; tag="g": always in the run name, as g<value>."""
-    changes = changes or dict(zip((OFFLINE, ONLINE), ("sft", "onpolicy"))).get(group)
+    changes = changes or {OFFLINE: "sft", ONLINE: "onpolicy"}.get(group)
     return field(default=default, metadata=dict(help=help, group=group, changes=changes, choices=choices, lo=lo, hi=hi,
                                                 positive=positive, **meta))
 
@@ -76,8 +77,8 @@ class Config:
                      budget=True)
     batch_size: int = opt(128, "sequences per step, over all ranks (the same for both)", PIPELINE, "expert", lo=1)
     lr: float = opt(0.0, "student (base, SFT, online): peak learning rate (0: the size's own)", PIPELINE, "base", lo=0)
-    lr_schedule: str = opt("cosine", "after the warmup: cosine (decay to 10% of the peak) | constant", PIPELINE, "expert",
-                           choices=SCHEDULES)
+    lr_schedule: str = opt("cosine", "after the warmup, a factor of the peak (SCHEDULES; cosine: down to 10%)", PIPELINE,
+                           "expert", choices=SCHEDULES)
     warmup: int = opt(50, "learning-rate warmup steps (linear from 0)", PIPELINE, "expert", lo=0)
     temperature: float = opt(1.0, "sampling temperature of expert samples and student rollouts", PIPELINE, "base",
                              positive=True)
@@ -90,7 +91,7 @@ class Config:
     estimator: str = opt("full", "full (per-token full-vocab KL + REINFORCE) | sampled (sampled-token cost)", ONLINE,
                          choices=distill.LOSSES)
     divergence: str = opt("reverse", "divergence at the student's states: reverse | forward | jsd", ONLINE,
-                          choices=("reverse", "forward", "jsd"))
+                          choices=kernels.DIVERGENCES)
     beta: float = opt(0.5, "JSD beta (0 forward KL, 1 reverse KL)", ONLINE, lo=0, hi=1)
     mix: float = opt(0.0, "GKD lambda: the fraction of each batch sampled by the expert", ONLINE, lo=0)
     baseline: bool = opt(True, "subtract a leave-one-out batch-mean baseline from each return", ONLINE)
@@ -261,6 +262,18 @@ def identity(env, model_cfg, expert_id):
     return dict(task=env["task_id"], tokenizer=env["tok"].identity, model_args=asdict(model_cfg), expert=expert_id)
 
 
+def refuse_other(path, made, cfg, kind, resuming=False):
+    """One UsageError line if the run of `kind` at `path`, made with the config `made`, is not the
+    run cfg asks for (differences)."""
+    try:
+        diff = differences(made, cfg, kind, resuming)
+    except UsageError as e:
+        raise UsageError(f"{path}: {e}") from None
+    if diff:
+        raise UsageError(f"{path} was trained with {'; '.join(diff)}: give this run another --out-dir "
+                         f"(or delete the file to train it again)")
+
+
 def load_fitting(path, cfg, env, kind, model_cfg, expert_id, device=None, resuming=False, **expect):
     """The model and checkpoint at `path` if it fits this run: its identity (task, tokenizer,
     shape model_cfg, expert; and `expect`), and for kind ("expert", "base", "sft", "onpolicy"; None:
@@ -268,11 +281,5 @@ def load_fitting(path, cfg, env, kind, model_cfg, expert_id, device=None, resumi
     model, ck = load_checkpoint(path, expect=dict(identity(env, model_cfg, expert_id), **expect),
                                 device=device or env["device"])
     if kind is not None:
-        try:
-            diff = differences(ck.get("config", {}), cfg, kind, resuming)
-        except UsageError as e:
-            raise UsageError(f"{path}: {e}") from None
-        if diff:
-            raise UsageError(f"{path} was trained with {'; '.join(diff)}: give this run another --out-dir "
-                             f"(or delete the file to train it again)")
+        refuse_other(path, ck.get("config", {}), cfg, kind, resuming)
     return model, ck

@@ -185,7 +185,7 @@ class _Digits(Task):
 
     def sample_answer(self, prompt, g):
         """The "+" answer with probability mode_weight (the weight of the mode the 1-layer
-        student can represent; toy.py, the mode-weight law); at 1/2, uniform over the answers."""
+        student can represent; research/toy.py, the mode-weight law); at 1/2, uniform over the answers."""
         if self.mode_weight == 0.5:
             return super().sample_answer(prompt, g)
         plus, minus = self.answers(prompt)

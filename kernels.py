@@ -35,6 +35,7 @@ except ImportError:  # no Triton (the CPU build of torch): backend() never picks
     kernels_triton = None
 
 IGNORE = -100  # target id of rows that take no part (padding, prompt tokens)
+DIVERGENCES = ("reverse", "forward", "jsd")  # token_divergence's kinds (--divergence)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what kernels_triton takes
 
 
@@ -101,7 +102,7 @@ def _check_expert(h, W, expert):
         raise ValueError(f"expert_h has {expert[0].shape[0]} rows, the student's h has {N}")
 
 
-VOCAB_BLOCK_BUDGET = 32 * 2**20  # bytes; bench.py --block-mb changes it (wider blocks: fewer, larger GEMMs)
+VOCAB_BLOCK_BUDGET = 32 * 2**20  # bytes; research/bench.py --block-mb changes it (wider blocks: fewer, larger GEMMs)
 
 
 def vocab_block(n_rows, vocab, budget_bytes=None):
@@ -305,7 +306,7 @@ def naive_divergence(zs, ze, kind, beta=0.5):
 
 def _divergence_kind(kind, beta):
     """Check the divergence's name and beta; JSD's beta=0 and 1 are the KLs (token_divergence)."""
-    if kind not in ("reverse", "forward", "jsd"):
+    if kind not in DIVERGENCES:
         raise ValueError(f"unknown divergence {kind!r}; choose reverse, forward or jsd")
     if kind == "jsd" and not 0 <= beta <= 1:
         raise ValueError(f"jsd beta must be in [0, 1], got {beta}")

@@ -139,6 +139,8 @@ class Run:
         if len(ck["rng"]["sample"]) != self.world:  # each rank resumes its own sampling stream
             raise UsageError(f"{self.path} was saved by {len(ck['rng']['sample'])} rank(s): resume it with as many "
                              f"(torchrun --nproc_per_node {len(ck['rng']['sample'])}), not {self.world}")
+        if self.total < ck["total"]:
+            raise UsageError(f"{self.path} is a run of {ck['total']} steps: --resume may give it more, not {self.total}")
         self.raw.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
         self.sample_gen.set_state(ck["rng"]["sample"][self.rank])
@@ -157,7 +159,11 @@ class Run:
     def __enter__(self):
         self.old_sigint = signal.signal(signal.SIGINT, self._on_sigint)  # every rank: torchrun passes Ctrl-C to each
         if self.total == 0:  # a run of no steps is finished as it is
-            self.save(self.snapshot(0))
+            try:
+                self.save(self.snapshot(0))
+            except BaseException:
+                self.__exit__()
+                raise
         return self
 
     def __exit__(self, *exc):

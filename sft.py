@@ -52,30 +52,41 @@ def ground_truth_dataset(tok, task, prompt_texts, answers, device):
     return dict(prompt=prompt, prompt_valid=pvalid, response=resp, response_mask=rmask)
 
 
-LOSSES = ("ce", "forward_kl")  # --sft-loss
-
-
-def offline_loss(run, batch, cfg, kind="ce"):
-    """Offline IL's per-token loss [B, R] at the expert's states (0 on padding): cross-entropy on
-    the expert's tokens, or (kind forward_kl) the full-vocabulary forward KL to the expert's
-    scored logits, both at the temperature the expert sampled at."""
-    mask = batch["response_mask"]
+def student_hidden(run, batch):
+    """The student's final hidden states at every response position, flattened to [B*R, d]."""
     with run.autocast():
-        h = response_hidden(run.model, batch["prompt"], batch["prompt_valid"], batch["response"], mask).flatten(0, 1)
-    W, valid = unwrap(run.model).unembedding, mask.flatten()
-    if kind == "ce":  # -log pi_s(y_t | x, y_<t), y ~ pi_e: the forward KL up to the expert's entropy
-        targets = torch.where(valid, batch["response"].flatten(), IGNORE)
-        return -token_logprobs(h, W, targets, fused=cfg.fused).view(mask.shape)
-    per_token = torch.zeros(mask.shape, device=mask.device)  # word-level distillation: KL(pi_e^T || pi_s^T)
-    per_token[mask] = token_divergence(h[valid], W, batch["expert_logits"].flatten(0, 1)[valid], "forward",
-                                       temperature=cfg.temperature, fused=cfg.fused)
+        return response_hidden(run.model, batch["prompt"], batch["prompt_valid"], batch["response"],
+                               batch["response_mask"]).flatten(0, 1)
+
+
+def offline_loss(run, batch, cfg):
+    """Offline IL's per-token loss [B, R] at the expert's states (0 on padding): the cross-entropy
+    -log pi_s(y_t | x, y_<t) of the expert's tokens y ~ pi_e, the forward KL up to the expert's entropy."""
+    mask, h = batch["response_mask"], student_hidden(run, batch)
+    targets = torch.where(mask.flatten(), batch["response"].flatten(), IGNORE)
+    return -token_logprobs(h, unwrap(run.model).unembedding, targets, fused=cfg.fused).view(mask.shape)
+
+
+def word_level_loss(run, batch, cfg):
+    """--sft-loss forward_kl, word-level distillation: at each of the expert's states, the
+    full-vocabulary KL(pi_e^T || pi_s^T) to the expert's logits, scored before training (train.py
+    samples them with score=True), at the temperature the expert sampled at."""
+    mask, h = batch["response_mask"], student_hidden(run, batch)
+    valid = mask.flatten()
+    per_token = torch.zeros(mask.shape, device=mask.device)
+    per_token[mask] = token_divergence(h[valid], unwrap(run.model).unembedding, batch["expert_logits"].flatten(0, 1)[valid],
+                                       "forward", temperature=cfg.temperature, fused=cfg.fused)
     return per_token
+
+
+LOSSES = dict(ce=offline_loss, forward_kl=word_level_loss)  # --sft-loss
 
 
 def train(run, dataset, cfg, loss_kind="ce"):
     """Offline IL on a fixed dataset: the whole loop. `run` (runtime.py) does the mechanics each
     line names: the schedule, backward/clip/step, logs, the held-out check, checkpoints, Ctrl-C."""
     B = cfg.batch_size // run.world
+    loss_fn = LOSSES[loss_kind]
     with run:  # Ctrl-C from here on: finish the step, save, exit 130
         for step in range(run.start, run.total):
             lr = run.set_lr(step)  # --warmup, then --lr-schedule
@@ -84,7 +95,7 @@ def train(run, dataset, cfg, loss_kind="ce"):
             start = (step * cfg.batch_size + run.rank * B) % n
             batch = {k: v[torch.arange(start, start + B) % n] for k, v in dataset.items()}
             # ---- loss: cross-entropy on the expert's tokens (forward KL: mode-covering)
-            per_token = offline_loss(run, batch, cfg, loss_kind)
+            per_token = loss_fn(run, batch, cfg)
             rmask = batch["response_mask"]
             n_tokens = run.global_sum(rmask.sum())
             objective = per_token.sum() / n_tokens * run.world  # DDP averages over ranks

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import distill
 import eval as evaluation
 import sft
-from config import load_fitting, parse_args, run_name
+from config import load_fitting, parse_args, refuse_other, run_name
 from data import PROMPT_STREAMS, PromptStream, seed_for
 from errors import UsageError
 from model import fingerprint, make_model, size_spec, write_atomic
@@ -48,9 +48,11 @@ def load_finished(path, cfg, env, kind, size, expert_id):
     if not os.path.exists(path):
         return None
     model_cfg = make_model(size, env["block_size"], env["tok"].vocab_size, seed=0).cfg
-    model, ck = load_fitting(path, cfg, env, kind, model_cfg, expert_id)
-    if ck.get("step") != ck.get("total") and not ck.get("converged"):  # unfinished: to be trained on
-        return None
+    model, ck = load_fitting(path, cfg, env, kind, model_cfg, expert_id, resuming=True)
+    if ck.get("step") != ck.get("total") and not ck.get("converged"):
+        return None  # unfinished: to be trained on (--resume continues it, and may give it more steps)
+    if kind is not None:  # a finished run: its step budget must be this run's too
+        refuse_other(path, ck["config"], cfg, kind)
     return model
 
 
@@ -141,7 +143,7 @@ def expert_samples(cfg, env, expert, expert_id, n, seed):
     share them). None for n=0: a zero-step run needs no data."""
     if n == 0:
         return None
-    score = cfg.sft_loss == "forward_kl"
+    score = sft.LOSSES[cfg.sft_loss] is sft.word_level_loss  # it distils the expert's scores
     path = os.path.join(env["dir"], f"expert-samples-{n}-{seed}{'-scored' if score else ''}.pt")
     key = dict(n=n, seed=seed, temperature=cfg.temperature, score=score, expert=expert_id)
     if os.path.exists(path):

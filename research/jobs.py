@@ -74,11 +74,16 @@ def run_jobs(jobs, parallel, print_only=False):
     """Run train.py jobs, `parallel` at a time, listed dependencies first, so a worker only waits
     on a job already running. A job whose result file exists, made with the same settings, is
     skipped (check_done). One progress line per job, with a rough ETA. print_only: print the
-    commands instead, in that order, for a scheduler of your own (a Slurm array, GNU parallel),
-    and return None."""
+    commands instead, for a scheduler of your own, in waves: the jobs of a wave need only those of
+    the waves before (a Slurm array per wave, or GNU parallel per wave); return None."""
     if print_only:
-        for j in jobs:
-            print(shlex.join(["python", "train.py", *j.argv]) + f"  > {shlex.quote(j.log)} 2>&1")
+        wave = {}
+        for j in jobs:  # dependencies come first in the list
+            wave[j.key] = 1 + max((wave[d] for d in j.deps), default=-1)
+        print("# train.py commands, to run from the repository root; each wave needs the waves before it")
+        for k in range(max(wave.values(), default=-1) + 1):
+            print(f"# wave {k}")
+            print("\n".join(shlex.join(["python", "train.py", *j.argv]) for j in jobs if wave[j.key] == k))
         return None
     futures, t0, done = {}, time.time(), []
 

@@ -74,10 +74,17 @@ def test_an_experiment_prints_its_commands_in_dependency_order(tmp_path):
                           "--out-dir", str(tmp_path), "--train-args", "--divergence jsd"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and os.listdir(tmp_path) == [], out.stderr[-2000:]
-    lines = out.stdout.strip().splitlines()
-    assert len(lines) == 2 * 9 and all(line.startswith("python train.py --threads 1 ") for line in lines)
-    modes = [line.split("--mode ")[1].split()[0] for line in lines]
-    assert modes[:2] == ["expert", "expert"] and modes.index("sft") > max(i for i, m in enumerate(modes) if m == "base")
+    waves, lines = [], out.stdout.strip().splitlines()
+    for line in lines[1:]:
+        if line.startswith("# wave "):
+            waves.append([])
+        else:
+            assert line.startswith("python train.py --threads 1 ")
+            waves[-1].append(line.split("--mode ")[1].split()[0] + " " + line.split("--student-size ")[1].split()[0])
+    assert sum(map(len, waves)) == 2 * 9
+    # the experts; the first size's bases; the second's (they reuse its samples) beside its students; the rest
+    assert waves[0] == ["expert medium"] * 2 and waves[1] == ["base medium"] * 2 and len(waves) == 4
+    assert set(waves[2]) == {"base small", "sft medium", "onpolicy medium"} and set(waves[3]) == {"sft small", "onpolicy small"}
     listed = jobs.grid_jobs([(str(tmp_path / "seed0"), ["--divergence", "jsd"])], "medium", ["small"], jobs.GRID)
     assert [os.path.basename(j.result) for j in listed][-2:] == ["onpolicy-small-g1-jsd.result.json",
                                                                  "onpolicy-small-g0-jsd.result.json"]

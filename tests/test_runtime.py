@@ -270,7 +270,7 @@ def test_the_learning_rate_follows_warmup_then_the_schedule(tmp_path, schedule):
 
 def test_resume_refuses_another_learning_rate_or_schedule(tmp_path):
     """--resume continues a run with its own settings: another --lr, --lr-schedule or --warmup
-    would silently change its schedule, so it is one line; more steps are allowed."""
+    would silently change its schedule, so it is one line; more steps are allowed, fewer are not."""
     run = make_run(tmp_path)
     run.save(run.snapshot(3))
     for flags, said in ((["--lr", "0.5"], "--lr 0.0 (this run: 0.5)"),
@@ -279,3 +279,5 @@ def test_resume_refuses_another_learning_rate_or_schedule(tmp_path):
         with pytest.raises(UsageError, match=said.replace("(", "\\(").replace(")", "\\)")):
             make_run(tmp_path, "--resume", *flags)
     assert make_run(tmp_path, "--resume", "--steps", "700").start == 3
+    with pytest.raises(UsageError, match="is a run of 10 steps: --resume may give it more, not 5"):
+        make_run(tmp_path, "--resume", total=5)

@@ -104,7 +104,7 @@ def test_word_level_distillation_scores_at_the_sampling_temperature():
     ref = (lp.exp() * (lp - lq)).sum(-1) * mask
     run = RecordingRun(student)
     cfg = parse_args(["--temperature", str(T)])
-    got = sft.offline_loss(run, dict(data, expert_logits=ze), cfg, "forward_kl")
+    got = sft.word_level_loss(run, dict(data, expert_logits=ze), cfg)
     assert torch.allclose(got.double(), ref, atol=1e-5)
     assert not torch.allclose(got.double(), ((lambda a, b: (a.exp() * (a - b)).sum(-1))(
         torch.log_softmax(ze.double(), -1), torch.log_softmax(zs.double(), -1)) * mask), atol=1e-3)  # T=1 differs

@@ -206,7 +206,7 @@ def test_help_lists_every_flag_with_its_help():
     names = [f.name for f in fields(Config) if "group" in f.metadata] + [k for t in TASKS for k in task_flags(t)]
     for name in names:
         assert "--" + name.replace("_", "-") in out.stdout, name
-    assert "decay to 10% of the peak" in " ".join(out.stdout.split())
+    assert "cosine: down to 10%" in " ".join(out.stdout.split())
 
 
 def test_resume_with_another_number_of_ranks_is_one_clear_line(tiny_runs, tmp_path):
@@ -458,6 +458,33 @@ def test_a_failed_rerun_leaves_the_finished_run_byte_identical(tiny_runs, tmp_pa
     with pytest.raises(UsageError, match="^non-finite .*no checkpoint of this run"):
         in_process(["--mode", mode, "--out-dir", str(tmp_path), *TINY])
     assert snapshot_files(tmp_path / "mirror") == before
+
+
+def test_resume_gives_an_unfinished_base_more_steps(tiny_runs, tmp_path, monkeypatch):
+    """A base stopped by Ctrl-C is continued by --resume, with more --base-steps if asked; once
+    finished, a run asking for other --base-steps refuses it."""
+    import runtime
+    d, _ = tiny_runs
+    shutil.copytree(os.path.join(d, "mirror"), tmp_path / "mirror", ignore=shutil.ignore_patterns("onpolicy*", "sft*", "base*"))
+    args = ["--mode", "base", "--out-dir", str(tmp_path), *TINY, "--base-steps", "12"]
+    real = runtime.Run.set_lr
+
+    def ctrl_c_at_step_5(run, step):
+        run.stop_requested = run.stop_requested or step == 5
+        return real(run, step)
+
+    with monkeypatch.context() as m:
+        m.setattr(runtime.Run, "set_lr", ctrl_c_at_step_5)
+        with pytest.raises(SystemExit):
+            in_process(args)
+    ck = torch.load(tmp_path / "mirror" / "base-small.pt", weights_only=True)
+    assert (ck["step"], ck["total"]) == (6, 12)
+    in_process([*args[:-1], "16", "--resume"])
+    ck = torch.load(tmp_path / "mirror" / "base-small.pt", weights_only=True)
+    assert (ck["step"], ck["total"]) == (16, 16)
+    from errors import UsageError
+    with pytest.raises(UsageError, match="--base-steps 16 \\(this run: 12\\)"):
+        in_process(args)
 
 
 def test_online_il_that_diverges_keeps_its_last_good_checkpoint(tiny_runs, tmp_path, monkeypatch):
