@@ -111,3 +111,12 @@ def test_under_torchrun_the_logged_reward_is_the_global_batchs(tmp_path):
     from test_runtime import run_ranks
     got = run_ranks(2, lambda r, port, results: (r, port, str(tmp_path), results), _logged_reward)
     assert [g for g in got if g is not None] == [0.5]  # rank 0's rows alone would give 1.0
+
+
+def test_tasks_that_share_a_flag_agree_on_its_type_and_choices():
+    """A flag several tasks take (--digits) is one flag: its type and choices are the same for each."""
+    seen = {}
+    for task in data.TASKS:
+        for name, f in data.task_flags(task).items():
+            seen.setdefault(name, set()).add((f.type, f.metadata.get("choices")))
+    assert all(len(kinds) == 1 for kinds in seen.values()), seen
