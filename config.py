@@ -57,8 +57,8 @@ class Config:
     # ---- the pipeline: which run, with which models and budgets
     mode: str = opt("onpolicy", "expert | base (the warm-started student) | sft | onpolicy", PIPELINE,
                     choices=("expert", "base", "sft", "onpolicy"))
-    task: str = opt("mirror", "mirror | pointer (the horizon task) | countdown (countdown.py); its flags: below",
-                    PIPELINE, "expert", choices=TASKS)
+    task: str = opt("mirror", "the task (data.TASKS; pointer is the horizon task); its flags: below", PIPELINE, "expert",
+                    choices=TASKS)
     expert_size: str = opt("medium", "size of the expert: a name in model.SIZES, or LxWxH", PIPELINE, "expert")
     student_size: str = opt("small", "size of the student: medium is realizable, small misspecified", PIPELINE, "base")
     seed: int = opt(0, "seeds every generator: each role (init, data, sampling, rank) derives its own", PIPELINE,

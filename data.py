@@ -143,9 +143,9 @@ def flag(default, help, choices=None):
 
 
 class Task:
-    """What every task gives: sample_prompt(g), answers(prompt) (every valid answer),
-    max_prompt_len, max_response_len, n_prompts (distinct prompts), and these two, which a task
-    may override: the verifier, and the ground-truth sampler the expert trains on."""
+    """What every task gives: name (its key in TASKS), sample_prompt(g), answers(prompt) (every
+    valid answer), max_prompt_len, max_response_len, n_prompts (distinct prompts), and these two,
+    which a task may override: the verifier, and the ground-truth sampler the expert trains on."""
 
     def reward(self, prompt, response):
         return float(response in self.answers(prompt))

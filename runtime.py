@@ -123,6 +123,8 @@ class Run:
             self.model = torch.compile(self.model)
         if cfg.resume and os.path.exists(self.path):
             self.resume()
+        elif cfg.resume:  # e.g. a method's flag changed, and with it the run's name
+            rank0_print(env, f"note: --resume, but there is no {self.path}: {name} starts from step 0")
         if self.rank == 0:  # this run's rows: none on a fresh start, the checkpoint's on a resume
             rows = []
             if self.start and os.path.exists(self.metrics):

@@ -23,6 +23,12 @@ def test_the_readme_flag_table_names_every_flag():
     assert not missing, f"README.md's Flags section does not name: {missing}"
 
 
+def test_the_readme_task_list_names_every_task():
+    tasks = read("README.md").split("## Tasks", 1)[1].split("\n## ", 1)[0]
+    missing = [t for t in TASKS if f"**{t}**" not in tasks]
+    assert not missing, f"README.md's Tasks section does not name: {missing}"
+
+
 def test_references_to_sections_name_sections_that_exist():
     headings = {doc: set(re.findall(r"^#+ (.+)$", read(doc), re.M)) for doc in ("README.md", "RESULTS.md")}
     files = [*glob.glob(os.path.join(ROOT, "*.py")), *glob.glob(os.path.join(ROOT, "research", "*.py")),

@@ -120,3 +120,16 @@ def test_tasks_that_share_a_flag_agree_on_its_type_and_choices():
         for name, f in data.task_flags(task).items():
             seen.setdefault(name, set()).add((f.type, f.metadata.get("choices")))
     assert all(len(kinds) == 1 for kinds in seen.values()), seen
+
+
+def test_every_flag_is_read_by_the_code_that_runs():
+    """A flag declared in config.Config but read nowhere would name runs and be checked, yet
+    change nothing: each one is read as cfg.<name> by the pipeline, the loops or the run."""
+    import os
+    from dataclasses import fields
+
+    from config import Config
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "".join(open(os.path.join(root, f)).read() for f in ("train.py", "runtime.py", "sft.py", "distill.py"))
+    unread = [f.name for f in fields(Config) if "group" in f.metadata and f"cfg.{f.name}" not in code]
+    assert not unread, f"flags that nothing reads: {unread}"

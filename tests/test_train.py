@@ -283,7 +283,7 @@ def test_killed_run_resumes_from_its_held_back_checkpoint_exactly(tiny_runs, tmp
     (["--task", "countdown", "--digits", "3"], "task countdown takes no --digits"),
     (["--mode-weight", "0.2", "--no-sign"], "for a task with a sign"),
     (["--format", "words", "--task", "countdown"], "invalid choice: 'words'"),
-    (["--lr-schedule", "linear"], "invalid choice: 'linear'"),
+    (["--lr-schedule", "nope"], "invalid choice: 'nope'"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
