@@ -213,10 +213,10 @@ def run_name(cfg):
 
 def name_tag(f, v):
     if "tag" in f.metadata:
-        return f"{f.metadata['tag']}{v:g}"  # g1, g0.5
+        return f"{f.metadata['tag']}{v:.12g}"  # g1, g0.5
     if isinstance(v, bool):
         return ("" if v else "no-") + flag_name(f.name)[2:]  # no-baseline
-    return v if isinstance(v, str) else f"{flag_name(f.name)[2:]}{v:g}"  # sampled, mix0.5
+    return v if isinstance(v, str) else f"{flag_name(f.name)[2:]}{v:.12g}"  # sampled, mix0.5
 
 
 # ----------------------------------------------------------------------------- is this the run asked for?
