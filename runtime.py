@@ -276,10 +276,12 @@ class Run:
         rank0_print(self.env, "\nCtrl-C: saving at the end of this step (again to abort)")
 
     def global_sum(self, x):
-        """x summed over the ranks (a copy of x on one process)."""
+        """x summed over the ranks; on one process a copy of x, left where it is (a flag on the
+        CPU is not sent to the GPU and read back)."""
+        if self.world == 1:
+            return torch.as_tensor(x).clone()
         x = torch.as_tensor(x, device=self.device).clone()
-        if self.world > 1:
-            dist.all_reduce(x)
+        dist.all_reduce(x)
         return x
 
     def autocast(self):

@@ -2,7 +2,7 @@
 trains, the jobs of a grid (expert, bases, methods; dependencies first), a pool that runs them a
 few at a time (or prints their commands for a scheduler of your own), and the check that a
 finished run found in an out-dir is the run asked for. Every run name, and every setting that
-check compares, comes from config.Config (config.run_name, config.differences).
+check compares, comes from config.Config (config.run_name, config.refuse_other).
 """
 import json
 import os
@@ -14,7 +14,7 @@ from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 
 from errors import UsageError
-from config import differences, parse_args, run_name
+from config import parse_args, refuse_other, run_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,12 +119,7 @@ def check_done(done_file, argv):
     with open(done_file) as f:
         made = json.load(f).get("config") or {}
     cfg = parse_args(argv)
-    try:
-        diff = differences(made, cfg, cfg.mode)
-    except UsageError as e:
-        raise UsageError(f"{done_file}: {e}") from None
-    if diff:
-        raise UsageError(f"{done_file} is a finished run with other settings: {', '.join(diff)}; give another --out-dir")
+    refuse_other(done_file, made, cfg, cfg.mode)
 
 
 def read_results(jobs, run_dirs):

@@ -215,7 +215,7 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
         jobs.check_done(str(done), argv[:-2])
     with pytest.raises(UsageError, match=r"--lr 0.0 \(this run: 0.003\)"):
         jobs.check_done(str(done), [*argv, "--lr", "3e-3"])
-    with pytest.raises(UsageError, match=r"--digits 5 \(this run: 6\), --answer-len 5 \(this run: 6\)"):
+    with pytest.raises(UsageError, match=r"--digits 5 \(this run: 6\); --answer-len 5 \(this run: 6\)"):
         jobs.check_done(str(done), [*argv, "--digits", "6"])
     old = asdict(parse_args(["--threads", "1", *argv]))
     del old["warmup"]  # a run made before --warmup existed
