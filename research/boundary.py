@@ -1,0 +1,114 @@
+"""Where realizability begins: which student classes can represent the mirror expert, and does
+the paper's prediction follow the class?
+
+For each student class (layers x width x heads) and seed:
+  ceiling   the class trained on ground truth with the expert's recipe (1500 steps, the class's
+            own lr): what it can represent, as far as training finds it;
+  SFT       offline IL from the class's warm-started base (expert samples);
+  online    online IL (gamma=1) from the same base.
+The prediction: where the ceiling is the expert's, SFT matches the expert (realizable); where
+the ceiling is below it but one mode is in reach, online IL wins and SFT does not.
+To tell a class's limit from a plateau of training, seed 0's ceiling is trained again for
+LONG_STEPS (4x the budget): a plateau rises with more steps, a class limit does not.
+
+    python -m research.boundary --seeds 3            # out/boundary/report.md and data.json
+    python -m research.boundary --print-commands     # the train.py commands, dependencies first
+
+What it simplifies: one task (mirror); every class is an LxWxH size with lr 3e-3 (model.size_spec),
+so the realizable 2x64x4 class has the expert's shape, not its learning rate.
+"""
+import json
+import os
+import sys
+
+if __package__ in (None, ""):  # run as python research/boundary.py: the imports live in the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from errors import OneLineParser, UsageError
+from research.jobs import BASE, EXPERT, ONLINE, SFT, add_job_flags, glue_train_args, grid_jobs, read_results, run_jobs
+from research.report import Report, mean_std
+
+LAYERS, WIDTHS, HEADS = (1, 2), (16, 64), (1, 2, 4)
+LONG_STEPS = 6000
+CEILING_BAR = 0.05  # a class whose ceiling is within this of its expert's reward counts as realizable
+
+
+def main(argv=None):
+    p = OneLineParser(description="The realizability boundary on mirror: ceiling, offline SFT and online IL per "
+                                  "student class (layers x width x heads).")
+    add_job_flags(p, "out/boundary")
+    p.add_argument("--classes", default=",".join(f"{l}x{w}x{h}" for l in LAYERS for w in WIDTHS for h in HEADS),
+                   help="student classes, LxWxH, comma-separated")
+    a = p.parse_args(glue_train_args(argv))
+    classes = a.classes.split(",")
+    if a.seeds < 1 or a.jobs < 1:
+        p.error("--seeds and --jobs must be >= 1")
+    for c in classes:
+        parts = c.split("x")
+        if len(parts) != 3 or not all(x.isdigit() and int(x) > 0 for x in parts) or int(parts[1]) % int(parts[2]):
+            p.error(f"--classes: {c!r} is not LxWxH with the width a multiple of the heads (e.g. 1x64x4)")
+    a.out_dir = a.out_dir or os.path.join("out", "boundary")
+    extra = a.train_args.split()
+    seed_args = lambda s: ["--seed", str(s), "--task", "mirror", *extra]
+    # the students: one expert per seed, a base per class, then SFT and online
+    students = [(os.path.join(a.out_dir, f"seed{s}"), seed_args(s)) for s in range(a.seeds)]
+    jobs = grid_jobs(students, "medium", classes, [EXPERT, BASE, SFT, ONLINE])
+    # the ceilings: each class trained as an expert is, on ground truth; seed 0 also for LONG_STEPS
+    ceiling = {(c, s): (os.path.join(a.out_dir, "ceiling", c, f"seed{s}"), seed_args(s))
+               for c in classes for s in range(a.seeds)}
+    long = {c: (os.path.join(a.out_dir, "ceiling-long", c, "seed0"),
+                [*seed_args(0), "--expert-steps", str(LONG_STEPS), "--eval-every", "250"]) for c in classes}
+    for c in classes:
+        jobs += grid_jobs([ceiling[(c, s)] for s in range(a.seeds)], c, [], [EXPERT])
+        jobs += grid_jobs([long[c]], c, [], [EXPERT])
+    report = Report(f"mirror: the realizability boundary, {len(classes)} classes, {a.seeds} seed(s)")
+    wall = run_jobs(jobs, a.jobs, a.print_commands)
+    if wall is None:
+        return
+    res = read_results(jobs, [d for d, _ in students])
+    reward = lambda d, c: read_results(jobs, [d])[("expert", c)][0]
+
+    rows, data = [], []
+    for c in classes:
+        expert = [r["reward"] for r in res[("expert", "medium")]]
+        ceil = [reward(ceiling[(c, s)][0], c)["reward"] for s in range(a.seeds)]
+        sft = [r["reward"] for r in res[("offline SFT", c)]]
+        onl = [r["reward"] for r in res[("online (γ=1)", c)]]
+        long_r = reward(long[c][0], c)["reward"]
+        realizable = [ce >= e - CEILING_BAR for ce, e in zip(ceil, expert)]
+        # the prediction, per seed, from that seed's ceiling
+        holds = [s_ >= e - 0.05 if r else o >= s_ + 0.3 for r, s_, o, e in zip(realizable, sft, onl, expert)]
+        layers, width, heads = (int(x) for x in c.split("x"))
+        n_params = res[("offline SFT", c)][0]["n_params"]
+        data.append(dict(size=c, layers=layers, width=width, heads=heads, params=n_params, expert=expert, ceiling=ceil,
+                         ceiling_long=long_r, sft=sft, online=onl,
+                         sft_greedy=[r["reward_greedy"] for r in res[("offline SFT", c)]],
+                         online_greedy=[r["reward_greedy"] for r in res[("online (γ=1)", c)]]))
+        rows.append(f"{c:<8} | {n_params:>7,} | {mean_std(ceil):^13} | {long_r:^13.3f} | {sum(realizable)}/{a.seeds:<9} | "
+                    f"{mean_std(sft):^13} | {mean_std(onl):^13} | {sum(holds)}/{a.seeds}")
+    head = (f"{'class':<8} | {'params':>7} | {'ceiling':^13} | {f'ceiling {LONG_STEPS}':^13} | {'realizable':<11} | "
+            f"{'offline SFT':^13} | {'online (γ=1)':^13} | prediction holds")
+    expert = [r["reward"] for r in res[("expert", "medium")]]
+    report.add(f"held-out reward at temperature 1, mean ± std over {a.seeds} seed(s); expert (medium, 2x64x4 at lr 1e-3) "
+               f"{mean_std(expert)} ({wall / 60:.1f} min wall, {a.jobs} jobs)",
+               [head, "-" * len(head), *rows])
+    report.add("how to read it",
+               [f"class: layers x width x heads; ceiling: the class trained on ground truth for 1500 steps (per seed), "
+                f"and for {LONG_STEPS} steps (seed 0);",
+                f"realizable: seeds whose ceiling is within {CEILING_BAR} of that seed's expert;",
+                "prediction: on a realizable seed, offline SFT within 0.05 of the expert; otherwise online (γ=1) >= "
+                "offline SFT + 0.3."])
+    report.add("greedy decoding, mean ± std over seeds",
+               [f"{d['size']:<8} offline SFT {mean_std(d['sft_greedy'])}   online (γ=1) {mean_std(d['online_greedy'])}"
+                for d in data])
+    report.write(a.out_dir)
+    with open(os.path.join(a.out_dir, "data.json"), "w") as f:
+        json.dump(dict(source="research/boundary.py", expert_size="medium", classes=data), f, indent=1)
+    print(f"wrote {os.path.join(a.out_dir, 'data.json')}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as e:
+        sys.exit(f"error: {e}")
