@@ -92,7 +92,7 @@ def main(argv=None):
                          ceiling_long=long_r, sft=sft, online=onl,
                          sft_greedy=[r["reward_greedy"] for r in res[("offline SFT", c)]],
                          online_greedy=[r["reward_greedy"] for r in res[("online (γ=1)", c)]]))
-        rows.append(f"{c:<8} | {n_params:>7,} | {mean_std(ceil):^13} | {"-" if long_r is None else f"{long_r:.3f}":^13} | {sum(realizable)}/{a.seeds:<9} | "
+        rows.append(f"{c:<8} | {n_params:>7,} | {mean_std(ceil):^13} | {'-' if long_r is None else f'{long_r:.3f}':^13} | {sum(realizable)}/{a.seeds:<9} | "
                     f"{mean_std(sft):^13} | {mean_std(onl):^13} | {sum(holds)}/{a.seeds}")
     head = (f"{'class':<8} | {'params':>7} | {'ceiling':^13} | {f'ceiling {LONG_STEPS}':^13} | {'realizable':<11} | "
             f"{'offline SFT':^13} | {'online (γ=1)':^13} | prediction holds")
