@@ -10,6 +10,7 @@ axes with ticks, a title, series each drawn as a mean line with an optional shad
 or ± std over seeds), markers, dashes, a legend, and several panels side by side. What it
 simplifies: linear or log x, a fixed panel size, no text measuring (labels are kept short).
 """
+import glob
 import json
 import math
 import os
@@ -52,7 +53,7 @@ class Panel:
     ylim: tuple = (-0.03, 1.03)  # a little room, so a line at 0 or 1 is not hidden by the frame
     xlim: tuple = None      # None: the data's range
     xlog: bool = False      # a log x axis (horizons, weights p that halve)
-    xticks: list = None     # [(x, label)]; None: evenly spaced round numbers
+    xticks: list = None     # [(x, label)]; None: round numbers (a log axis: the data's x values)
     diagonal: bool = False  # y = x, dotted: where a quantity equals the x value
     width: int = 340        # pixels, the margins included
 
@@ -98,7 +99,6 @@ def draw_panel(p, ox, oy):
     for y in nice_ticks(y0, y1):
         out.append(f'<line x1="{fmt(left)}" x2="{fmt(left + width)}" y1="{fmt(py(y))}" y2="{fmt(py(y))}" stroke="#ddd"/>')
         out.append(f'<text x="{fmt(left - 5)}" y="{fmt(py(y) + 4)}" text-anchor="end">{y:g}</text>')
-    # default ticks: round numbers, or on a log axis the data's own x values
     xticks = p.xticks or [(x, f"{x:g}") for x in (sorted(set(xs)) if p.xlog else nice_ticks(x0, x1))]
     for x, label in xticks:
         out.append(f'<line x1="{fmt(px(x))}" x2="{fmt(px(x))}" y1="{fmt(top + height)}" y2="{fmt(top + height + 4)}" '
@@ -133,21 +133,21 @@ def polyline(xs, ys, px, py):
 def svg(title, panels, cols=None):
     """The SVG text of panels side by side (cols per row, all as wide as the first), a title
     above, one legend below."""
-    cols, W = cols or len(panels), panels[0].width
+    cols, pw = cols or len(panels), panels[0].width
     rows = math.ceil(len(panels) / cols)
     legend = {}  # label -> (colour, dashed), in order of first appearance
     for p in panels:
         for s in p.series:
             legend.setdefault(s.label, (s.color, s.dashed))
-    per_row = max(1, cols * W // 190)
-    width = max(cols * W, 8 * len(title) + 20)  # about 8 pixels a character of the title
+    per_row = max(1, cols * pw // 190)
+    width = max(cols * pw, 8 * len(title) + 20)  # about 8 pixels a character of the title
     height = 30 + rows * H + 22 * math.ceil(len(legend) / per_row) + 8
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
            f'font-family="sans-serif" font-size="12">',
            f'<rect width="{width}" height="{height}" fill="white"/>',
            f'<text x="{width / 2:.1f}" y="20" text-anchor="middle" font-size="14" font-weight="bold">{escape(title)}</text>']
     for i, p in enumerate(panels):
-        out += draw_panel(p, (i % cols) * W, 30 + (i // cols) * H)
+        out += draw_panel(p, (i % cols) * pw, 30 + (i // cols) * H)
     for i, (label, (color, dashed)) in enumerate(legend.items()):
         x, y = 20 + (i % per_row) * 190, 30 + rows * H + 22 * (i // per_row) + 10
         dash = ' stroke-dasharray="6 4"' if dashed else ""
@@ -168,7 +168,8 @@ def mean_band(values, std=None):
 def reward_vs_step(data):
     """The grid (experiments.py --grid): held-out reward against step, realizable and
     misspecified, one line per method, the band min to max over seeds; the expert's final
-    reward dashed."""
+    reward dashed. data: {"task", "seeds", "sizes": {size: "realizable" | "misspecified"},
+    "runs": [{"method", "size", "seed", "step": [...], "eval_reward": [...], "reward", "reward_greedy"}]}."""
     panels = []
     for size, kind in data["sizes"].items():
         series = []
@@ -188,7 +189,8 @@ def reward_vs_step(data):
 
 def reward_vs_horizon(data):
     """The horizon sweep (experiments.py --horizon): reward against H, temperature 1 and greedy,
-    each student size; mean ± std over seeds."""
+    each student size; mean ± std over seeds. data: {"seeds", "horizons": [H, ...],
+    "students": {size: kind}, "reward" and "reward_greedy": {size: {method: {"mean": [per H], "std": [per H]}}}}."""
     hs = data["horizons"]
     panels = []
     for size, kind in data["students"].items():
@@ -205,7 +207,8 @@ def reward_vs_horizon(data):
 def mode_weight(data):
     """The mode-weight law (modes.py): P("+") of each student against the expert's weight p, one
     panel per H, beside the law's prediction q* for online IL (γ=1) and y = p, which SFT and γ=0
-    keep. (A measured-vs-predicted scatter would pile every point near q* = 1.)"""
+    keep. (A measured-vs-predicted scatter would pile every point near q* = 1.) data: {"seeds",
+    "modes": [{"p", "H", "q_pred": {"mean", "std"}, method: {"q": {"mean", "std"}, ...}, ...}]}."""
     panels = []
     for h in sorted({r["H"] for r in data["modes"]}):
         rows = sorted((r for r in data["modes"] if r["H"] == h), key=lambda r: r["p"])
@@ -222,7 +225,8 @@ def mode_weight(data):
 def boundary(data):
     """The realizability boundary (boundary.py): per student class, ordered by its ceiling (the
     reward the class reaches trained on the task itself), the ceiling, offline SFT, online IL
-    (γ=1) and the expert; the band min to max over seeds."""
+    (γ=1) and the expert; the band min to max over seeds. data: {"classes": [{"size": "LxWxH",
+    "layers", "heads", "width", "params", "ceiling": [per seed], "sft": [...], "online": [...], "expert": [...]}]}."""
     classes = sorted(data["classes"], key=lambda c: (sum(c["ceiling"]) / len(c["ceiling"]), c["params"]))
     xs = list(range(len(classes)))
     series = []
@@ -266,10 +270,8 @@ def main(argv=None):
     p = OneLineParser(description="Draw the figures (SVG) from the experiments' data.json files.")
     p.add_argument("data", nargs="*", help="data.json files (default: every results/*/data.json)")
     a = p.parse_args(argv)
-    paths = a.data or sorted(os.path.join(ROOT, "results", d, "data.json") for d in os.listdir(os.path.join(ROOT, "results"))
-                             if os.path.exists(os.path.join(ROOT, "results", d, "data.json")))
-    for path_ in paths:
-        print(f"wrote {os.path.relpath(make(path_))}")
+    for data in a.data or sorted(glob.glob(os.path.join(ROOT, "results", "*", "data.json"))):
+        print(f"wrote {os.path.relpath(make(data))}")
 
 
 if __name__ == "__main__":
