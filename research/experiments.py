@@ -1,5 +1,6 @@
 """The experiments, end to end from an empty folder: each trains what it needs with train.py
-(one torch thread per job, --jobs at a time), prints its tables, and writes report.md.
+(one torch thread per job, --jobs at a time), prints its tables, and writes report.md, with the
+data of its figure (data.json) and the figure (research/figures.py) beside it.
 
     python -m research.experiments --grid --seeds 3        # realizable vs misspecified: expert, SFT, online IL
     python -m research.experiments --ablation --seeds 3    # which ingredient of online IL carries the win
@@ -24,7 +25,8 @@ from errors import OneLineParser, UsageError
 from eval import reward_curve, sparkline
 from research.jobs import (ABLATION, GRID, add_job_flags, glue_train_args, grid_jobs, long_horizon_lr, metrics_paths,
                            read_results, run_jobs)
-from research.report import Report, mean_std, plt, table
+from research import figures
+from research.report import Report, mean_std, stat, table
 
 
 # ----------------------------------------------------------------------------- tables and reports
@@ -57,26 +59,11 @@ def claim_counts(res, expert_size, small, expert_bar=0.95):
     return lines
 
 
-def plot_curves(jobs, run_dirs, student_sizes, methods, path):
-    """Held-out reward vs step per method (optional: needs matplotlib)."""
-    if plt is None:
-        print("(matplotlib is not installed: no reward_vs_step.png; the text curves above show the same)")
-        return None
-    fig, axes = plt.subplots(1, len(student_sizes), figsize=(6 * len(student_sizes), 4), squeeze=False)
-    for ax, size in zip(axes[0], student_sizes):
-        for j, (label, _) in enumerate(methods):
-            if label in ("expert", "base"):
-                continue
-            for i, path_i in enumerate(metrics_paths(jobs, run_dirs, label, size)):
-                with open(path_i) as f:
-                    pts = [json.loads(l) for l in f if "eval_reward" in l]
-                ax.plot([p["step"] for p in pts], [p["eval_reward"] for p in pts], color=f"C{j}", alpha=0.8,
-                        label=label if i == 0 else None)
-        ax.set(title=f"student: {size}", xlabel="step", ylabel="held-out reward (temperature 1)", ylim=(-0.02, 1.02))
-        ax.legend()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    print(f"wrote {path}")
-    return path
+def read_curve(path):
+    """The held-out checks of one run's metrics.jsonl: {"step": [...], "eval_reward": [...]}."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if "eval_reward" in line]
+    return {"step": [r["step"] for r in rows], "eval_reward": [r["eval_reward"] for r in rows]}
 
 
 # ----------------------------------------------------------------------------- the experiments
@@ -137,10 +124,16 @@ def grid(a, train_args):
                 for size in sizes for label, _ in GRID if label not in ("expert", "base")])
     with open(os.path.join(a.out_dir, "results.json"), "w") as f:
         json.dump({f"{l}|{s}": v for (l, s), v in res.items()}, f)
-    png = plot_curves(jobs, dirs, sizes, GRID, os.path.join(a.out_dir, "reward_vs_step.png"))
-    if png:
-        report.add("figures", [f"![reward vs step]({os.path.basename(png)})"])
+    # every run's held-out curve and final rewards: figures.reward_vs_step draws them
+    report.data({"task": a.task, "seeds": a.seeds, "sizes": {s: "realizable" if s == expert_size else "misspecified"
+                                                             for s in sizes},
+                 "runs": [{"method": label, "size": size, "seed": seed, **read_curve(path), "reward": r["reward"],
+                           "reward_greedy": r["reward_greedy"]}
+                          for label, _ in GRID for size in ([expert_size] if label == "expert" else sizes)
+                          for seed, (path, r) in enumerate(zip(metrics_paths(jobs, dirs, label, size), res[(label, size)]))]})
+    report.add("figure (python -m research.figures)", ["![held-out reward against step](reward_vs_step.svg)"])
     report.write(a.out_dir)
+    figures.make(os.path.join(a.out_dir, "data.json"))
 
 
 def ablation(a, train_args):
@@ -246,7 +239,19 @@ def horizon(a, train_args):
                    first_errors(res[h][("expert", expert_size)], f"expert ({expert_size})") +
                    first_errors(res[h][("offline SFT", expert_size)], f"offline SFT ({expert_size})"))
     report.add("recipe (every run; --train-args after it)", [f"H={h}: " + " ".join(horizon_recipe(h) + train_args) for h in hs])
+
+    def over_h(key, label, size):  # mean and std over seeds, one per H
+        per_h = [stat([x[key] for x in res[h][(label, size)]]) for h in hs]
+        return {"mean": [s["mean"] for s in per_h], "std": [s["std"] for s in per_h]}
+
+    # figures.reward_vs_horizon draws them
+    report.data({"seeds": a.seeds, "digits": digits, "horizons": hs,
+                 "students": {s: "realizable" if s == expert_size else "misspecified" for s in sizes},
+                 **{key: {size: {label: over_h(key, label, size) for label, _ in GRID} for size in sizes}
+                    for key in ("reward", "reward_greedy")}})
+    report.add("figure (python -m research.figures)", ["![reward against H](reward_vs_horizon.svg)"])
     report.write(a.out_dir)
+    figures.make(os.path.join(a.out_dir, "data.json"))
 
 
 def main(argv=None):

@@ -35,7 +35,8 @@ from errors import OneLineParser, UsageError
 from eval import checkpoint_task, sparkline
 from model import load_checkpoint
 from research.jobs import GRID, add_job_flags, glue_train_args, grid_jobs, long_horizon_lr, read_results, run_jobs
-from research.report import Report, mean_std, table
+from research import figures
+from research.report import Report, mean_std, stat, table
 
 STUDENTS = ("offline SFT", "online (γ=1)", "online (γ=0)")
 
@@ -181,7 +182,19 @@ def main(argv=None):
             lines.append(f"p={x:g}, H={h}: online (γ=1) >= SFT + 0.3 on {win}/{a.seeds}; SFT's P(+) within 0.1 of the "
                          f"expert's on {keep}/{a.seeds}; online's P(+) within 0.1 of q* on {near}/{a.seeds}")
     report.add("claims, each a count over seeds", lines)
+    # per p and H, each measured number's mean and std over seeds: figures.mode_weight draws them
+    report.data({"seeds": a.seeds, "methods": list(STUDENTS),
+                 "modes": [{"p": x, "H": h, **over_seeds([measured[(x, h, s)] for s in range(a.seeds)])}
+                           for h in hs for x in ps]})
+    report.add("figure (python -m research.figures)", ["![P('+') against p](mode_weight.svg)"])
     report.write(a.out_dir)
+    figures.make(os.path.join(a.out_dir, "data.json"))
+
+
+def over_seeds(ms):
+    """Dicts of the same shape, one per seed -> that shape, each number as report.stat over seeds."""
+    return {k: over_seeds([m[k] for m in ms]) if isinstance(v, dict) else stat([m[k] for m in ms])
+            for k, v in ms[0].items()}
 
 
 if __name__ == "__main__":

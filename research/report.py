@@ -1,5 +1,7 @@
 """How an experiment shows its results: mean ± std, fixed-width text tables, and report.md
-(its sections, the command, wall time, machine and commit), ready for a slide or a course page."""
+(its sections, the command, wall time, machine and commit), ready for a slide or a course page,
+with the numbers its figure needs in data.json beside it (research/figures.py draws them)."""
+import json
 import os
 import platform
 import subprocess
@@ -8,17 +10,16 @@ import time
 
 import torch
 
-try:  # optional: the experiments' figures (reward_vs_step.png, toy.png) beside their text plots
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-except ImportError:
-    plt = None
+
+def stat(xs):
+    """Mean and std (the sample std; 0 for one seed) of per-seed values, and the values."""
+    t = torch.tensor(xs, dtype=torch.float64)
+    return {"mean": t.mean().item(), "std": t.std().item() if len(xs) > 1 else 0.0, "values": list(xs)}
 
 
 def mean_std(xs):
-    t = torch.tensor(xs, dtype=torch.float64)
-    return f"{t.mean():.3f} ± {t.std() if len(xs) > 1 else 0:.3f}"
+    s = stat(xs)
+    return f"{s['mean']:.3f} ± {s['std']:.3f}"
 
 
 def table(corner, rows, columns, cell):
@@ -33,10 +34,14 @@ def table(corner, rows, columns, cell):
 class Report:
     """What an experiment prints, kept to be written as report.md at the end (for a slide or
     a course page): each section's title and its text block, the command, wall time, machine
-    and commit."""
+    and commit; and the data its figure is drawn from, written as data.json beside it."""
 
     def __init__(self, title):
-        self.title, self.sections, self.t0 = title, [], time.time()
+        self.title, self.sections, self.t0, self.numbers = title, [], time.time(), None
+
+    def data(self, obj):
+        """What the experiment's figure needs (research/figures.py: its format), for write()."""
+        self.numbers = obj
 
     def add(self, heading, lines):
         print(f"\n{heading}\n" + "\n".join(lines), flush=True)
@@ -57,6 +62,10 @@ class Report:
         with open(path, "w") as f:
             f.write("\n".join(head + body))
         print(f"\nwrote {path}")
+        if self.numbers is not None:
+            with open(os.path.join(folder, "data.json"), "w") as f:
+                json.dump({"command": f"python {' '.join(sys.argv)}", "commit": commit, **self.numbers}, f,
+                          ensure_ascii=False, indent=1)
 
 
 def machine():

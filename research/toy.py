@@ -6,7 +6,7 @@
    probability p and the other ("-", then H digits the student cannot compute) otherwise. How
    often does each method's student write "+", and what reward does that buy, as p and H vary?
 
-    python -m research.toy    # both tables, text bars and plots; writes out/toy/report.md
+    python -m research.toy    # both tables, text bars and text plots; writes out/toy/report.md
 """
 import argparse
 import math
@@ -20,7 +20,7 @@ import torch
 
 from errors import OneLineParser
 from eval import sparkline
-from research.report import Report, plt, table
+from research.report import Report, table
 
 
 def toy(K=10, eps=0.01):
@@ -133,18 +133,6 @@ def main(out_dir):
                table("projection", rows, ["s", "reward", "fwd_kl", "rev_kl"], lambda r, c: f"{res[r][c]:.3f}"))
     report.add("the three distributions over the K answers (the two correct ones at the ends; bar height: "
                "probability, 0 to 0.5)", [f"{r:<24} {sparkline(res[r]['q'], 0, 0.5)}" for r in ["expert", *rows]])
-    if plt is not None:
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3), sharey=True)
-        for ax, r in zip(axes, ["expert", *rows]):
-            ax.bar(range(len(res[r]["q"])), res[r]["q"], color=["C2" if k in (0, len(res[r]["q"]) - 1) else "C7"
-                                                             for k in range(len(res[r]["q"]))])
-            ax.set(title=r, xlabel="answer k (correct: green)")
-        axes[0].set_ylabel("probability")
-        os.makedirs(out_dir, exist_ok=True)
-        fig.savefig(os.path.join(out_dir, "toy.png"), dpi=100, bbox_inches="tight")
-        report.add("figures", ["![the three distributions](toy.png)"])
-    else:
-        print("(matplotlib is not installed: no toy.png; the text bars above show the same)")
     ps, hs = (0.5, 0.2, 0.1, 0.05), (1, 2, 4, 8)
     for eps in (0.01, 1e-4):
         law = {(p, h): mode_weight_law(p, h, eps) for p in ps for h in hs}
@@ -167,5 +155,5 @@ def mode_weight_cell(law, row, col):
 
 if __name__ == "__main__":
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", default=os.path.join("out", "toy"), help="where report.md and toy.png go")
+    parser.add_argument("--out-dir", default=os.path.join("out", "toy"), help="where report.md goes")
     main(parser.parse_args().out_dir)

@@ -199,6 +199,11 @@ def test_horizon_sweep_runs_end_to_end_and_train_args_override_its_recipe(tmp_pa
     assert plot[4].startswith("small (realizable)") and plot[4].split()[2] == "expert"
     steps = next(line for line in report.splitlines() if line.startswith("H=2   expert"))
     assert steps.split()[3:] == ["4", "attempts", "1"]  # 4 steps (its check, on 4 prompts, never reached 1), one attempt
+    with open(tmp_path / "data.json") as f:  # the figure's data, and the figure drawn from it
+        data = json.load(f)
+    with open(tmp_path / "H2" / "seed0" / "pointer" / "sft-tiny.result.json") as f:
+        assert data["reward"]["tiny"]["offline SFT"] == {"mean": [json.load(f)["reward"]], "std": [0.0]}
+    assert (tmp_path / "reward_vs_horizon.svg").exists() and "reward_vs_horizon.svg" in report
 
 
 def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
@@ -241,6 +246,9 @@ def test_countdown_grid_takes_its_recipe_and_number_tokens(tmp_path):
         assert (cfg["task_args"]["format"], cfg["task_args"]["number_tokens"]) == ("steps", True)
     report = (tmp_path / "report.md").read_text()
     assert "expert reaches >= 0.8" in report
+    with open(tmp_path / "data.json") as f:  # every run's held-out curve, for the figure drawn beside it
+        runs = {(r["method"], r["size"]): r for r in json.load(f)["runs"]}
+    assert len(runs) == 9 and runs[("online (γ=0)", "tiny")]["step"] and (tmp_path / "reward_vs_step.svg").exists()
     assert "--expert-steps 24000" in report and "--eval-prompts 1024" in report  # the recipe, then --train-args
     ck = torch.load(tmp_path / "seed0" / "countdown" / "sft-tiny.pt", weights_only=False)
     assert ck["tokenizer"].startswith("numbers:")
@@ -303,6 +311,10 @@ def test_modes_runs_end_to_end_and_measures_p_plus(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     text = (tmp_path / "report.md").read_text()
     assert "p=0.2, H=1" in text and "predicted q*" in text and "claims, each a count over seeds" in text
+    with open(tmp_path / "data.json") as f:
+        row, = json.load(f)["modes"]
+    assert (row["p"], row["H"]) == (0.2, 1) and 0 < row["online (γ=1)"]["q"]["mean"] < 1
+    assert (tmp_path / "mode_weight.svg").exists()
     from model import load_checkpoint
     task = make_task("pointer", digits=10, answer_len=1)
     tok = task_tokenizer(task)
