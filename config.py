@@ -93,6 +93,14 @@ class Config:
     divergence: str = opt("reverse", "divergence at the student's states: reverse | forward | jsd", ONLINE,
                           choices=kernels.DIVERGENCES)
     beta: float = opt(0.5, "JSD beta (0 forward KL, 1 reverse KL)", ONLINE, lo=0, hi=1)
+    cost: str = opt("k1", "sampled and direct estimators: the sampled token's cost, k1 = log q/p | k3 (verl's "
+                          "low_var_kl)", ONLINE, choices=distill.COSTS)
+    top_k: int = opt(0, "the expert gives its top k log-probs only, as a served teacher does (0: every token)", ONLINE,
+                     lo=0)
+    top_k_rest: str = opt("ignore", "--top-k: the mass outside the k ids, ignored (verl) | one bucket | renormalize "
+                                    "(NeMo-RL)", ONLINE, choices=kernels.TOP_K_REST)
+    return_norm: str = opt("none", "divide each return by: none | discount (sum of gamma^(t-s), TRL's MiniLLM) | count "
+                                   "(tokens left, MiniLLM's)", ONLINE, choices=distill.RETURN_NORMS)
     mix: float = opt(0.0, "GKD lambda: the fraction of each batch sampled by the expert", ONLINE, lo=0)
     baseline: bool = opt(True, "subtract a leave-one-out batch-mean baseline from each return", ONLINE)
     normalize_adv: bool = opt(True, "divide advantages by their std (floored at 1 nat)", ONLINE)
@@ -184,9 +192,18 @@ def check(cfg):
     if cfg.mix and not 0 < round(cfg.mix * per_rank) < per_rank:
         bad.append(f"--mix {cfg.mix:g} gives {round(cfg.mix * per_rank)} expert rows of {per_rank} per rank: "
                    f"a mixed batch needs rows of both")
-    if cfg.estimator == "sampled" and (cfg.divergence != "reverse" or cfg.mix):
-        bad.append("--estimator sampled is the one-sample reverse KL on the student's own rollouts: "
-                   "it takes no --divergence or --mix")
+    if cfg.estimator != "full" and (cfg.divergence != "reverse" or cfg.mix or cfg.top_k):
+        bad.append(f"--estimator {cfg.estimator} scores the sampled token on the student's own rollouts: "
+                   f"it takes no --divergence, --mix or --top-k")
+    if cfg.estimator == "full" and cfg.cost != Config.cost:
+        bad.append("--cost applies to --estimator sampled or direct")
+    if cfg.estimator == "direct" and (cfg.cost == "k1" or cfg.return_norm != Config.return_norm):
+        bad.append("--estimator direct differentiates the cost itself, with no returns: it takes --cost k3 (k1's "
+                   "expected gradient is 0) and no --return-norm")
+    if cfg.top_k and cfg.divergence == "jsd":
+        bad.append("--top-k takes --divergence reverse, forward or mixed")
+    if not cfg.top_k and cfg.top_k_rest != Config.top_k_rest:
+        bad.append("--top-k-rest applies with --top-k only")
     if cfg.divergence != "jsd" and cfg.beta != Config.beta:
         bad.append("--beta applies to --divergence jsd only")
     if cfg.expert_ckpt and not os.path.exists(cfg.expert_ckpt):

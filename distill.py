@@ -28,7 +28,7 @@ import time
 import torch
 
 from data import collate, decode_responses, encode_prompts
-from kernels import IGNORE, token_divergence, token_logprobs
+from kernels import IGNORE, token_divergence, token_logprobs, topk_divergence
 from model import response_hidden, unwrap
 
 
@@ -72,11 +72,15 @@ def online_loss(run, expert, batch, cfg):
     # D_t = sum_v q(v) (log q(v) - log p(v)): the full-vocabulary reverse KL at each of the student's
     # prefixes, q the student's softmax and p the expert's at temperature T (or --divergence's)
     D = torch.zeros(mask.shape, device=mask.device)
-    D[mask] = token_divergence(h[valid], W, (h_e[valid], expert.unembedding), cfg.divergence, beta=cfg.beta,
-                               temperature=T, fused=cfg.fused)
+    if cfg.top_k:  # the expert as a served teacher gives it: its top k log-probs (kernels.topk_divergence)
+        D[mask] = topk_divergence(h[valid], W, (h_e[valid], expert.unembedding), cfg.divergence, cfg.top_k,
+                                  cfg.top_k_rest, temperature=T)
+    else:
+        D[mask] = token_divergence(h[valid], W, (h_e[valid], expert.unembedding), cfg.divergence, beta=cfg.beta,
+                                   temperature=T, fused=cfg.fused)
     logq = token_logprobs(h, W, targets, temperature=T, fused=cfg.fused).view(mask.shape)  # log q(y_t)
     # the return of each token: what writing it cost later, sum_{t>s} gamma^(t-s) D_t (no gradient)
-    returns = returns_to_go(D.detach(), mask, cfg.gamma, include_current=False)
+    returns = returns_to_go(D.detach(), mask, cfg.gamma, include_current=False) / return_scale(mask, cfg)
     # the advantage: minus the leave-one-out mean of the other rows' returns there, / its std
     adv = advantages(returns, own, cfg.baseline, cfg.normalize_adv, total=run.global_sum)
     # + adv * log q: the return is a cost (KL still to come), so descending this lowers the
@@ -84,13 +88,18 @@ def online_loss(run, expert, batch, cfg):
     return D * mask + adv * logq * own, D
 
 
-def sampled_token_loss(run, expert, batch, cfg):
-    """The sampled-token estimator (--estimator sampled; Thinking Machines' recipe at gamma=0):
-    the cost of each token is k1 = log q(y_t) - log p(y_t), the one-sample estimate of D_t, and
-    only the REINFORCE term is kept, with return sum_{t>=s} gamma^(t-s) cost_t. The cost's own
-    gradient is dropped because for k1 it is E_q[grad log q(y_t)] = 0 (a score function has mean
-    zero); for another cost (k3 = p/q - 1 - log(p/q)) it is not, and dropping it is biased, which
-    tests/test_distill.py's exact-gradient test detects. D is computed for the log only."""
+# The cost of a sampled token y_t, from log q(y_t) and log p(y_t) (--cost). Both estimate D_t:
+# k1 = log q/p is unbiased (E_q k1 = D_t); k3 = p/q - 1 - log(p/q) is unbiased too and never
+# negative, with verl's clamps (verl/trainer/ppo/core_algos.py kl_penalty: "k3" and "low_var_kl"
+# are one branch there).
+COSTS = dict(
+    k1=lambda logq, logp: logq - logp,
+    k3=lambda logq, logp: (lambda d: (d.exp() - d - 1).clamp(-10, 10))((logp - logq).clamp(-20, 20)),
+)
+
+
+def sampled_scores(run, expert, batch, cfg):
+    """log q(y_t) (with gradient), log p(y_t) and D_t (for the log) [B, R] at the sampled tokens."""
     mask, T = batch["response_mask"], cfg.temperature
     h, h_e, targets = hidden_states(run, expert, batch)
     W, valid = unwrap(run.model).unembedding, mask.flatten()
@@ -100,11 +109,49 @@ def sampled_token_loss(run, expert, batch, cfg):
                                    fused=cfg.fused)
         logp = token_logprobs(h_e, expert.unembedding, targets, temperature=T, fused=cfg.fused).view(mask.shape)
     logq = token_logprobs(h, W, targets, temperature=T, fused=cfg.fused).view(mask.shape)
-    returns = returns_to_go((logq.detach() - logp) * mask, mask, cfg.gamma, include_current=True)
+    return logq, logp, D
+
+
+def sampled_token_loss(run, expert, batch, cfg):
+    """The sampled-token estimator (--estimator sampled): the cost of each token (--cost, k1 by
+    default: the one-sample estimate of D_t) and only the REINFORCE term, with return
+    sum_{t>=s} gamma^(t-s) cost_t. At gamma=0 with no baseline or normalisation, advantage = -k1:
+    tinker-cookbook's (distillation/train_on_policy.py, incorporate_kl_penalty), slime's
+    (--use-opd), ms-swift's OPD and verl's policy-gradient OPD. The cost's own gradient is dropped
+    because for k1 it is E_q[grad log q(y_t)] = 0 (a score function has mean zero); for k3 it is
+    not, and dropping it is biased, which tests/test_distill.py's exact-gradient test detects."""
+    mask = batch["response_mask"]
+    logq, logp, D = sampled_scores(run, expert, batch, cfg)
+    cost = COSTS[cfg.cost](logq.detach(), logp) * mask
+    returns = returns_to_go(cost, mask, cfg.gamma, include_current=True) / return_scale(mask, cfg)
     return advantages(returns, mask, cfg.baseline, cfg.normalize_adv, total=run.global_sum) * logq, D
 
 
-LOSSES = dict(full=online_loss, sampled=sampled_token_loss)  # --estimator
+def direct_token_loss(run, expert, batch, cfg):
+    """verl's supervised OPD estimator (--estimator direct; verl/trainer/distillation/losses.py,
+    its default loss_mode k3): the sampled token's cost itself, differentiated through log q(y_t),
+    with no REINFORCE term. For k3, d cost/d log q = 1 - p/q, so the expected gradient is
+    sum_v (q - p) grad log q(v) = grad of the forward KL(p || q) at the prefix: a per-token forward
+    KL from one sample. (For k1 the expected gradient is 0: verl refuses k1 here, and so does check().)"""
+    mask = batch["response_mask"]
+    logq, logp, D = sampled_scores(run, expert, batch, cfg)
+    return COSTS[cfg.cost](logq, logp) * mask, D
+
+
+LOSSES = dict(full=online_loss, sampled=sampled_token_loss, direct=direct_token_loss)  # --estimator
+
+
+RETURN_NORMS = ("none", "discount", "count")  # --return-norm
+
+
+def return_scale(mask, cfg):
+    """What each return is divided by (--return-norm): 1; "discount": sum_{t>=s} gamma^(t-s) over
+    the tokens from s on (TRL's MiniLLMTrainer, length_normalization); "count": the number of
+    tokens from s on (MiniLLM's own code, microsoft/LMOps minillm/losses.py), at least 1 each."""
+    if cfg.return_norm == "none":
+        return 1.0
+    gamma = cfg.gamma if cfg.return_norm == "discount" else 1.0
+    return returns_to_go(mask.float(), mask, gamma, include_current=True).clamp(min=1.0)
 
 
 def returns_to_go(cost, mask, gamma, include_current):

@@ -35,7 +35,8 @@ except ImportError:  # no Triton (the CPU build of torch): backend() never picks
     kernels_triton = None
 
 IGNORE = -100  # target id of rows that take no part (padding, prompt tokens)
-DIVERGENCES = ("reverse", "forward", "jsd")  # token_divergence's kinds (--divergence)
+DIVERGENCES = ("reverse", "forward", "jsd", "mixed")  # token_divergence's kinds (--divergence)
+TOP_K_REST = ("ignore", "bucket", "renormalize")  # what a top-k expert does with the mass outside its top k
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what kernels_triton takes
 
 
@@ -300,6 +301,8 @@ def naive_divergence(zs, ze, kind, beta=0.5):
         return _xlogy_diff(q, logq, logp).sum(-1)
     if kind == "forward":
         return _xlogy_diff(p, logp, logq).sum(-1)
+    if kind == "mixed":
+        return 0.5 * (_xlogy_diff(p, logp, logq).sum(-1) + _xlogy_diff(q, logq, logp).sum(-1))
     logm = torch.logaddexp(logp + math.log(beta), logq + math.log(1 - beta))
     return beta * _xlogy_diff(p, logp, logm).sum(-1) + (1 - beta) * _xlogy_diff(q, logq, logm).sum(-1)
 
@@ -307,7 +310,7 @@ def naive_divergence(zs, ze, kind, beta=0.5):
 def _divergence_kind(kind, beta):
     """Check the divergence's name and beta; JSD's beta=0 and 1 are the KLs (token_divergence)."""
     if kind not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {kind!r}; choose reverse, forward or jsd")
+        raise ValueError(f"unknown divergence {kind!r}; choose one of {', '.join(DIVERGENCES)}")
     if kind == "jsd" and not 0 <= beta <= 1:
         raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
     if kind == "jsd" and beta in (0, 1):
@@ -323,8 +326,12 @@ def token_divergence(h, W, expert, kind="reverse", beta=0.5, temperature=1.0, fu
       "jsd":     generalised JSD(beta), GKD/TRL's: beta KL(p || m) + (1-beta) KL(q || m) with
                  m = beta p + (1-beta) q; beta=0 is forward KL and beta=1 reverse KL by that
                  convention, a jump: JSD(beta) itself tends to 0 at both ends.
+      "mixed":   (forward + reverse) / 2, NeMo-RL's kl_type "mixed" (no mixture distribution)
     expert: expert logits [N, V], or (expert_h, expert_W) evaluated block by block, no grad.
     Runs backend(h, W, fused, kind == "reverse") unless impl names one."""
+    if kind == "mixed":
+        return 0.5 * sum(token_divergence(h, W, expert, k, beta, temperature, fused, block, impl)
+                         for k in ("forward", "reverse"))
     kind = _divergence_kind(kind, beta)
     _check_hw(h, W)
     _check_expert(h, W, expert)
@@ -337,3 +344,36 @@ def token_divergence(h, W, expert, kind="reverse", beta=0.5, temperature=1.0, fu
     block = block or vocab_block(h.shape[0], W.shape[0])
     args = (expert.detach(), None, None) if torch.is_tensor(expert) else (None, *(x.detach() for x in expert))
     return _TokenDivergence.apply(h, W, *args, kind, beta, temperature, block)
+
+
+def topk_divergence(h, W, expert, kind="reverse", k=4, rest="ignore", temperature=1.0):
+    """Per-row divergence [N] between the student q and the expert p as a served teacher gives p
+    (vLLM's logprobs): its k most likely tokens' log-probs alone. q is read at the same k ids.
+    rest, the mass outside them:
+      "ignore":      the sums run over the k ids, unnormalised, floored at 0 (verl's
+                     forward_kl_topk, verl/trainer/distillation/losses.py);
+      "bucket":      one more outcome, 1 - sum over the k ids, for each (verl PR #7855; TRL's
+                     server distillation, _add_tail_bucket): an exact KL of two k+1-way distributions;
+      "renormalize": both renormalised over the k ids (NeMo-RL's DistillationLossFn, ms-swift's
+                     gkd_logits_topk).
+    Naive: the logits [N, V] are materialised (a top-k needs the whole row). kind: reverse,
+    forward or mixed; expert: logits [N, V] or (expert_h, expert_W), no grad."""
+    if kind not in ("reverse", "forward", "mixed") or rest not in TOP_K_REST:
+        raise ValueError(f"a top-k divergence is reverse, forward or mixed, its rest one of {TOP_K_REST}; got "
+                         f"{kind!r}, {rest!r}")
+    _check_hw(h, W)
+    _check_expert(h, W, expert)
+    if not 0 < k < W.shape[0]:
+        raise ValueError(f"top k must be in 1..{W.shape[0] - 1} (the vocabulary has {W.shape[0]} tokens), got {k}")
+    ze = expert if torch.is_tensor(expert) else expert[0] @ expert[1].T
+    logp, ids = F.log_softmax(ze.detach().float() / temperature, -1).topk(k, -1)
+    logq = F.log_softmax((h @ W.T).float() / temperature, -1).gather(-1, ids)
+    if rest == "renormalize":
+        logp, logq = logp - logp.logsumexp(-1, keepdim=True), logq - logq.logsumexp(-1, keepdim=True)
+    elif rest == "bucket":  # log(1 - sum): kept below 1 so the log stays finite, as TRL's clamp does
+        tail = lambda lp: torch.log(-torch.expm1(lp.logsumexp(-1, keepdim=True).clamp(max=-1e-7)))
+        logp, logq = torch.cat([logp, tail(logp)], -1), torch.cat([logq, tail(logq)], -1)
+    p, q = logp.exp(), logq.exp()
+    fwd, rev = (p * (logp - logq)).sum(-1), (q * (logq - logp)).sum(-1)
+    out = dict(forward=fwd, reverse=rev, mixed=0.5 * (fwd + rev))[kind]
+    return out.clamp_min(0) if rest == "ignore" else out

@@ -56,6 +56,8 @@ def setup(cfg):
         raise UsageError(f"--block-size {cfg.block_size} is shorter than this task's prompt + response "
                          f"({block_size} tokens)")
     block_size = cfg.block_size or block_size
+    if cfg.top_k >= tok.vocab_size:
+        raise UsageError(f"--top-k {cfg.top_k}: this task's vocabulary has {tok.vocab_size} tokens; take fewer")
     for size in (cfg.expert_size, cfg.student_size):  # a bad size fails now, not after training
         make_model(size, block_size, tok.vocab_size, seed=0)
     held_out = eval_prompts(task, cfg.eval_prompts, seed=seed_for(cfg.seed, "held-out"))
