@@ -1,0 +1,206 @@
+"""Today's OPD recipes (research/recipes.py): each new piece against an independent reference
+(float64, full vocabulary, enumeration), and each recipe's flags a valid, distinct run."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import distill
+from config import parse_args, run_name
+from errors import UsageError
+from kernels import token_divergence, topk_divergence
+from research import recipes
+from tests.test_distill import all_responses, encode_prompts, stub_run, tiny, tok
+
+
+def trl_generalized_jsd(student_logits, teacher_logits, beta):
+    """huggingface/trl trl/experimental/gkd/gkd_trainer.py generalized_jsd_loss, per token, in
+    float64 and with F.kl_div as the source writes it (not kernels.py's code)."""
+    s, t = F.log_softmax(student_logits.double(), -1), F.log_softmax(teacher_logits.double(), -1)
+    if beta == 0:
+        jsd = F.kl_div(s, t, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = F.kl_div(t, s, reduction="none", log_target=True)
+    else:
+        m = torch.logsumexp(torch.stack([s + math.log1p(-beta), t + math.log(beta)]), dim=0)
+        jsd = beta * F.kl_div(m, t, reduction="none", log_target=True) + \
+            (1 - beta) * F.kl_div(m, s, reduction="none", log_target=True)
+    return jsd.sum(-1)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_trl_gkd_is_divergence_jsd(beta):
+    """TRL's GKD loss is --divergence jsd --beta: the same number per token, fused or not."""
+    g = torch.Generator().manual_seed(0)
+    h, W, ze = torch.randn(7, 8, generator=g), torch.randn(22, 8, generator=g), 3 * torch.randn(7, 22, generator=g)
+    ref = trl_generalized_jsd(h @ W.T, ze, beta)
+    for fused in (True, False):
+        assert torch.allclose(token_divergence(h, W, ze, "jsd", beta=beta, fused=fused).double(), ref, rtol=1e-5)
+
+
+def topk_reference(zs, ze, kind, k, rest):
+    """One row at a time in float64: the expert's k most likely ids by sorting, the two
+    distributions there, then the rest of the mass as the sources treat it."""
+    out = []
+    for a, b in zip(zs.double(), ze.double()):
+        q, p = torch.softmax(a, 0), torch.softmax(b, 0)
+        ids = sorted(range(len(p)), key=lambda v: -p[v].item())[:k]
+        P, Q = p[ids], q[ids]
+        if rest == "renormalize":
+            P, Q = P / P.sum(), Q / Q.sum()
+        elif rest == "bucket":
+            P, Q = torch.cat([P, (1 - P.sum())[None]]), torch.cat([Q, (1 - Q.sum())[None]])
+        fwd, rev = (P * (P / Q).log()).sum(), (Q * (Q / P).log()).sum()
+        d = dict(forward=fwd, reverse=rev, mixed=(fwd + rev) / 2)[kind]
+        out.append(d.clamp(min=0) if rest == "ignore" else d)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("rest", ["ignore", "bucket", "renormalize"])
+@pytest.mark.parametrize("kind", ["forward", "reverse", "mixed"])
+def test_topk_divergence_matches_float64_and_its_gradient(kind, rest):
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(9, 8, generator=g, dtype=torch.float64)
+    W, ze = torch.randn(22, 8, generator=g), 2 * torch.randn(9, 22, generator=g)
+    hd, hf = h.clone().requires_grad_(), h.float().requires_grad_()
+    ref = topk_reference(hd @ W.double().T, ze, kind, 4, rest)
+    out = topk_divergence(hf, W, ze, kind, k=4, rest=rest)
+    assert torch.allclose(out.double(), ref, rtol=1e-4, atol=1e-6)
+    ref.sum().backward()
+    out.sum().backward()
+    assert torch.allclose(hf.grad.double(), hd.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_topk_of_all_but_a_massless_token_renormalises_the_student_alone():
+    """A hand-made case: an expert with one token of negligible mass. Its top V-1 ids hold all of
+    its mass, and the student's is renormalised over them: KL(q' || p) with q' = q without that
+    token, rescaled."""
+    g = torch.Generator().manual_seed(2)
+    h, W = torch.randn(5, 8, generator=g), torch.randn(22, 8, generator=g)
+    ze = torch.randn(5, 22, generator=g)
+    ze[:, 3] = -60.0
+    top = topk_divergence(h, W, ze, "reverse", k=21, rest="renormalize")
+    # renormalised over the 21 ids: KL(q' || p') with q' = q / (1 - q3), p' = p (p3 ~ 0)
+    p, q = torch.softmax(ze.double(), -1), torch.softmax((h @ W.T).double(), -1)
+    keep = [v for v in range(22) if v != 3]
+    qk = q[:, keep] / q[:, keep].sum(1, keepdim=True)
+    assert torch.allclose(top.double(), (qk * (qk / p[:, keep]).log()).sum(1), rtol=1e-4)
+
+
+def test_topk_refuses_k_outside_the_vocabulary():
+    h, W, ze = torch.randn(2, 8), torch.randn(22, 8), torch.randn(2, 22)
+    for k in (0, 22):
+        with pytest.raises(ValueError, match="top k"):
+            topk_divergence(h, W, ze, k=k)
+
+
+def test_costs_by_hand():
+    logq, logp = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-2.0, -1.0, -0.5])
+    assert distill.COSTS["k1"](logq, logp).tolist() == [1.0, -1.0, 0.0]
+    d = logp - logq  # k3 = e^d - d - 1, never negative, 0 where the two agree
+    assert torch.allclose(distill.COSTS["k3"](logq, logp), d.exp() - d - 1)
+    assert distill.COSTS["k3"](logq, logp)[2] == 0
+    assert distill.COSTS["k3"](torch.tensor([-30.0]), torch.tensor([0.0])).item() == 10.0  # verl's clamp at 10
+
+
+def test_return_scale_by_hand():
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    count = distill.return_scale(mask, parse_args(["--return-norm", "count"]))
+    assert count.tolist() == [[3, 2, 1, 1], [1, 1, 1, 1]]  # tokens from s on (padding: 1, never 0)
+    disc = distill.return_scale(mask, parse_args(["--return-norm", "discount", "--gamma", "0.5"]))
+    assert disc.tolist() == [[1.75, 1.5, 1, 1], [1, 1, 1, 1]]
+    assert distill.return_scale(mask, parse_args([])) == 1.0
+
+
+def enumerated(student, expert, T=1.0):
+    """Every response of at most 2 tokens, its probability under the student (float64), and
+    the student's and expert's log-softmax at each of its positions, from plain logits."""
+    resp, mask = all_responses(2)
+    prompt, pvalid = encode_prompts(tok, ["31415="] * len(resp))
+    P = prompt.shape[1]
+
+    def logsm(model):
+        z = model.logits(torch.cat([prompt, resp], 1), torch.cat([pvalid, mask], 1))[:, P - 1:-1]
+        return torch.log_softmax(z.double() / T, -1)
+
+    lq, lp = logsm(student), logsm(expert).detach()
+    seq = (lq.gather(2, resp[..., None]).squeeze(2) * mask).sum(1)
+    batch = dict(prompt=prompt, prompt_valid=pvalid, response=resp, response_mask=mask,
+                 on_policy=torch.ones(len(resp), dtype=torch.bool))
+    return batch, mask, seq.exp().detach(), lq, lp
+
+
+def expected_grad(student, per_token, weights):
+    return torch.autograd.grad((weights.float() * per_token.sum(1)).sum(), list(student.parameters()))
+
+
+def test_direct_k3_is_the_per_token_forward_kl_gradient_in_expectation():
+    """verl's supervised k3: its expected gradient is that of sum_t KL(p_t || q_t) at the
+    student's prefixes (the prefix weights held fixed), enumerated from plain log_softmax."""
+    student, expert = tiny(0), tiny(1)
+    batch, mask, w, lq, lp = enumerated(student, expert)
+    fwd = ((lp.exp() * (lp - lq)).sum(-1) * mask).sum(1)
+    exact = torch.autograd.grad((w * fwd).sum(), list(student.parameters()))
+    per_token, _ = distill.direct_token_loss(stub_run(student), expert, batch,
+                                             parse_args(["--estimator", "direct", "--cost", "k3"]))
+    for a, b in zip(expected_grad(student, per_token, w), exact):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-7), (a.double() - b).abs().max()
+
+
+def test_sampled_k3_is_biased_and_k1_is_not():
+    """The sampled-token estimator drops the cost's own gradient: exact for k1 (the sequence
+    KL's gradient, tests/test_distill.py), off for k3, whose own gradient is not zero in
+    expectation."""
+    student, expert = tiny(0), tiny(1)
+    batch, mask, w, lq, lp = enumerated(student, expert)
+    seq_q = (lq.gather(2, batch["response"][..., None]).squeeze(2) * mask).sum(1)
+    seq_p = (lp.gather(2, batch["response"][..., None]).squeeze(2) * mask).sum(1)
+    exact = torch.autograd.grad((seq_q.exp() * (seq_q - seq_p)).sum(), list(student.parameters()))
+    errors = {}
+    for cost in ("k1", "k3"):
+        cfg = parse_args(["--estimator", "sampled", "--cost", cost, "--no-baseline", "--no-normalize-adv"])
+        per_token, _ = distill.sampled_token_loss(stub_run(student), expert, batch, cfg)
+        est = expected_grad(student, per_token, w)
+        errors[cost] = max(((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(est, exact))
+    assert errors["k1"] < 1e-4 and errors["k3"] > 0.05, errors
+
+
+@pytest.mark.parametrize("rest", ["ignore", "bucket", "renormalize"])
+def test_topk_online_loss_is_the_exact_gradient_of_its_sequence_cost(rest):
+    """With --top-k, D_t is the top-k divergence, and the two-part gradient (D_t at fixed
+    prefixes + REINFORCE on the later D's) is the exact gradient of E_q[sum_t D_t]: enumerated,
+    D_t from topk_reference (sorting, float64), not from kernels.py."""
+    student, expert = tiny(0), tiny(1)
+    batch, mask, w, lq, lp = enumerated(student, expert)
+    seq_q = (lq.gather(2, batch["response"][..., None]).squeeze(2) * mask).sum(1)
+    D = topk_reference(lq.flatten(0, 1), lp.flatten(0, 1), "reverse", 4, rest).view(mask.shape)
+    exact = torch.autograd.grad((seq_q.exp() * (D * mask).sum(1)).sum(), list(student.parameters()))
+    cfg = parse_args(["--top-k", "4", "--top-k-rest", rest, "--no-baseline", "--no-normalize-adv"])
+    per_token, _ = distill.online_loss(stub_run(student), expert, batch, cfg)
+    for a, b in zip(expected_grad(student, per_token, w), exact):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-3, atol=1e-6), (a.double() - b).abs().max()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--cost", "k3"], "--cost applies"),
+    (["--estimator", "direct"], "takes --cost k3"),
+    (["--estimator", "direct", "--cost", "k3", "--return-norm", "count"], "no --return-norm"),
+    (["--estimator", "sampled", "--top-k", "4"], "takes no --divergence, --mix or --top-k"),
+    (["--top-k", "4", "--divergence", "jsd"], "--top-k takes"),
+    (["--top-k-rest", "bucket"], "with --top-k only"),
+])
+def test_recipe_flags_refuse_what_they_cannot_mean(argv, says):
+    with pytest.raises(UsageError, match=says):
+        parse_args(argv)
+
+
+def test_every_recipe_is_a_valid_distinct_run_with_a_source():
+    names = {}
+    for r in recipes.RECIPES:
+        assert r.source and r.name
+        name = run_name(parse_args(r.flags))
+        assert names.setdefault(name, r.flags) == r.flags, f"{r.name}: the run name {name} of other flags"
+    unique, label_of = recipes.methods()
+    assert len(unique) == len(names) and set(label_of) == {r.name for r in recipes.RECIPES}
+    assert {s.folder for s in recipes.SETTINGS} and all(s.claim[0] for s in recipes.SETTINGS)
