@@ -19,7 +19,6 @@ class limit does not.
 What it simplifies: one task (mirror); every class is an LxWxH size with lr 3e-3 (model.size_spec),
 so the realizable 2x64x4 class has the expert's shape, not its learning rate.
 """
-import json
 import os
 import sys
 
@@ -27,6 +26,7 @@ if __package__ in (None, ""):  # run as python research/boundary.py: the imports
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from errors import OneLineParser, UsageError
+from research import figures
 from research.jobs import BASE, EXPERT, ONLINE, SFT, add_job_flags, glue_train_args, grid_jobs, read_results, run_jobs
 from research.report import Report, mean_std
 
@@ -109,10 +109,10 @@ def main(argv=None):
     report.add("greedy decoding, mean ± std over seeds",
                [f"{d['size']:<8} offline SFT {mean_std(d['sft_greedy'])}   online (γ=1) {mean_std(d['online_greedy'])}"
                 for d in data])
+    report.data({"expert_size": "medium", "classes": data})  # figures.boundary draws it
+    report.add("figure (python -m research.figures)", ["![the realizability boundary](boundary.svg)"])
     report.write(a.out_dir)
-    with open(os.path.join(a.out_dir, "data.json"), "w") as f:
-        json.dump(dict(source="research/boundary.py", expert_size="medium", classes=data), f, indent=1)
-    print(f"wrote {os.path.join(a.out_dir, 'data.json')}")
+    figures.make(os.path.join(a.out_dir, "data.json"))
 
 
 if __name__ == "__main__":

@@ -271,6 +271,11 @@ def main(argv=None):
     p.add_argument("data", nargs="*", help="data.json files (default: every results/*/data.json)")
     a = p.parse_args(argv)
     for data in a.data or sorted(glob.glob(os.path.join(ROOT, "results", "*", "data.json"))):
+        if not a.data:  # every committed data.json: skip those that hold a table's data, not a figure's
+            with open(data) as f:
+                keys = json.load(f)
+            if not any(k in keys for k in FIGURES):
+                continue
         print(f"wrote {os.path.relpath(make(data))}")
 
 

@@ -176,3 +176,17 @@ def test_the_command_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "research.figures", str(good / "data.json")], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and (good / "reward_vs_step.svg").exists()
+
+
+def test_every_figure_skips_a_data_json_that_holds_a_table(tmp_path, monkeypatch):
+    """python -m research.figures draws each committed data.json that has a figure and passes
+    over one that holds a table's data (research/recipes.py's); named, such a file is an error."""
+    for name, text in (("table", '{"cells": []}'), ("boundary", open(os.path.join(FIXTURES, "boundary-data.json")).read())):
+        os.makedirs(tmp_path / "results" / name)
+        (tmp_path / "results" / name / "data.json").write_text(text)
+    monkeypatch.setattr(figures, "ROOT", str(tmp_path))
+    figures.main([])
+    assert sorted(os.listdir(tmp_path / "results" / "boundary")) == ["boundary.svg", "data.json"]
+    assert os.listdir(tmp_path / "results" / "table") == ["data.json"]
+    with pytest.raises(figures.UsageError, match="no figure"):
+        figures.main([str(tmp_path / "results" / "table" / "data.json")])
