@@ -88,10 +88,11 @@ class Config:
     # ---- online IL (distill.py)
     gamma: float = opt(1.0, "discount of future per-token KLs (1: sequence-level, 0: per-token)", ONLINE, lo=0, hi=1,
                        tag="g")
-    estimator: str = opt("full", "full (per-token full-vocab KL + REINFORCE) | sampled (sampled-token cost)", ONLINE,
+    estimator: str = opt("full", "full: per-token divergence + REINFORCE on the later ones; sampled: REINFORCE on the "
+                                 "sampled token's --cost; direct: that cost differentiated (distill.LOSSES)", ONLINE,
                          choices=distill.LOSSES)
-    divergence: str = opt("reverse", "divergence at the student's states: reverse | forward | jsd", ONLINE,
-                          choices=kernels.DIVERGENCES)
+    divergence: str = opt("reverse", f"divergence at the student's states: {' | '.join(kernels.DIVERGENCES)} (mixed: "
+                                     f"the mean of forward and reverse)", ONLINE, choices=kernels.DIVERGENCES)
     beta: float = opt(0.5, "JSD beta (0 forward KL, 1 reverse KL)", ONLINE, lo=0, hi=1)
     cost: str = opt("k1", "sampled and direct estimators: the sampled token's cost, k1 = log q/p | k3 (verl's "
                           "low_var_kl)", ONLINE, choices=distill.COSTS)
@@ -103,7 +104,9 @@ class Config:
                                    "(tokens left, MiniLLM's)", ONLINE, choices=distill.RETURN_NORMS)
     mix: float = opt(0.0, "GKD lambda: the fraction of each batch sampled by the expert", ONLINE, lo=0)
     baseline: bool = opt(True, "subtract a leave-one-out batch-mean baseline from each return", ONLINE)
-    normalize_adv: bool = opt(True, "divide advantages by their std (floored at 1 nat)", ONLINE)
+    normalize_adv: bool = opt(True, "divide advantages by their std (never by less than --adv-std-floor)", ONLINE)
+    adv_std_floor: float = opt(1.0, "the least std advantages are divided by (nats; 0: plain whitening, MiniLLM's)",
+                               ONLINE, lo=0)
     # ---- logging and checkpoints
     out_dir: str = opt("out", "checkpoints go to <out-dir>/<task>/", LOGGING)
     expert_ckpt: str = opt("", "an expert checkpoint to use ('': <out-dir>/<task>/expert.pt, trained if missing)",
@@ -197,9 +200,15 @@ def check(cfg):
                    f"it takes no --divergence, --mix or --top-k")
     if cfg.estimator == "full" and cfg.cost != Config.cost:
         bad.append("--cost applies to --estimator sampled or direct")
-    if cfg.estimator == "direct" and (cfg.cost == "k1" or cfg.return_norm != Config.return_norm):
+    if cfg.estimator == "direct" and (cfg.cost == "k1" or cfg.gamma or cfg.return_norm != Config.return_norm or
+                                      not cfg.baseline or not cfg.normalize_adv or cfg.adv_std_floor != Config.adv_std_floor):
         bad.append("--estimator direct differentiates the cost itself, with no returns: it takes --cost k3 (k1's "
-                   "expected gradient is 0) and no --return-norm")
+                   "expected gradient is 0), --gamma 0, and no --return-norm, --no-baseline, --no-normalize-adv or "
+                   "--adv-std-floor")
+    if cfg.estimator == "full" and not cfg.gamma and cfg.return_norm != Config.return_norm:
+        bad.append("--return-norm divides the returns, and at --gamma 0 the full estimator has none")
+    if not cfg.normalize_adv and cfg.adv_std_floor != Config.adv_std_floor:
+        bad.append("--adv-std-floor applies with advantage normalisation only (not --no-normalize-adv)")
     if cfg.top_k and cfg.divergence == "jsd":
         bad.append("--top-k takes --divergence reverse, forward or mixed")
     if not cfg.top_k and cfg.top_k_rest != Config.top_k_rest:

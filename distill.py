@@ -14,11 +14,13 @@ leaves the per-token objective of GKD/TRL, which at a prefix the student cannot 
 minimised by one distribution for both modes, so it gains little over SFT there.
 
 Simplified against a full RL recipe: the baseline is the leave-one-out batch mean of the return
-at each position; advantages are divided by their std floored at 1 nat (which only ever shrinks
-the REINFORCE term); the gradient norm is clipped. Every score is taken at the sampling
-temperature T, so the objective is KL(pi_s^T || pi_e^T) and the REINFORCE term stays on-policy.
-Variants, each a function of its own: the sampled-token estimator (sampled_token_loss), GKD
-mixing of expert rows (rollouts, --mix), other divergences at the student's states (--divergence).
+at each position; advantages are divided by their std floored at 1 nat (--adv-std-floor; so it
+only ever shrinks the REINFORCE term); the gradient norm is clipped. Every score is taken at the
+sampling temperature T, so the objective is KL(pi_s^T || pi_e^T) and the REINFORCE term stays
+on-policy. Variants, for today's OPD recipes (research/recipes.py): the sampled-token estimators
+(sampled_token_loss, direct_token_loss, --cost), GKD mixing of expert rows (rollouts, --mix),
+other divergences at the student's states (--divergence), a top-k expert (--top-k), returns
+divided by their length (--return-norm).
 
 Run: python train.py --mode onpolicy. This file is parallel to sft.py: `diff sft.py distill.py`
 shows where the states come from (rollouts here, expert_dataset there) and the loss.
@@ -64,7 +66,8 @@ def hidden_states(run, expert, batch):
 
 def online_loss(run, expert, batch, cfg):
     """Online IL's per-token surrogate [B, R] (0 on padding), whose gradient is grad J above,
-    and D [B, R], the per-token divergence (logged as kl)."""
+    and D [B, R], the per-token divergence (logged as kl): the full-vocabulary reverse KL, or
+    --divergence's, or --top-k's."""
     mask, T = batch["response_mask"], cfg.temperature
     own = batch["on_policy"][:, None] & mask  # the REINFORCE term: the student's own rows only
     h, h_e, targets = hidden_states(run, expert, batch)
@@ -80,22 +83,27 @@ def online_loss(run, expert, batch, cfg):
                                    temperature=T, fused=cfg.fused)
     logq = token_logprobs(h, W, targets, temperature=T, fused=cfg.fused).view(mask.shape)  # log q(y_t)
     # the return of each token: what writing it cost later, sum_{t>s} gamma^(t-s) D_t (no gradient)
+    # (--return-norm divides it by its length from s on, s included, as MiniLLM does: its return
+    # holds the cost of y_s too, whose expectation is D_s, carried here by the first term)
     returns = returns_to_go(D.detach(), mask, cfg.gamma, include_current=False) / return_scale(mask, cfg)
     # the advantage: minus the leave-one-out mean of the other rows' returns there, / its std
-    adv = advantages(returns, own, cfg.baseline, cfg.normalize_adv, total=run.global_sum)
+    adv = advantages(returns, own, cfg.baseline, cfg.normalize_adv, cfg.adv_std_floor, total=run.global_sum)
     # + adv * log q: the return is a cost (KL still to come), so descending this lowers the
     # probability of the tokens whose future costs more than the other rows' did
     return D * mask + adv * logq * own, D
 
 
-# The cost of a sampled token y_t, from log q(y_t) and log p(y_t) (--cost). Both estimate D_t:
-# k1 = log q/p is unbiased (E_q k1 = D_t); k3 = p/q - 1 - log(p/q) is unbiased too and never
-# negative, with verl's clamps (verl/trainer/ppo/core_algos.py kl_penalty: "k3" and "low_var_kl"
-# are one branch there).
-COSTS = dict(
-    k1=lambda logq, logp: logq - logp,
-    k3=lambda logq, logp: (lambda d: (d.exp() - d - 1).clamp(-10, 10))((logp - logq).clamp(-20, 20)),
-)
+def k3(logq, logp):
+    """p/q - 1 - log(p/q): never negative, and E_q k3 = D_t like k1's, with verl's clamps
+    (verl/trainer/ppo/core_algos.py kl_penalty, where "k3" and "low_var_kl" are one branch):
+    log(p/q) to +-20, the cost to 10. Past p/q ~ 13.6 the clamp binds and the token's gradient
+    is 0: there both of verl's estimators are biased."""
+    d = (logp - logq).clamp(-20, 20)
+    return (d.exp() - d - 1).clamp(-10, 10)
+
+
+# the cost of a sampled token y_t from log q(y_t) and log p(y_t) (--cost); k1 = log q/p, E_q k1 = D_t
+COSTS = dict(k1=lambda logq, logp: logq - logp, k3=k3)
 
 
 def sampled_scores(run, expert, batch, cfg):
@@ -118,21 +126,23 @@ def sampled_token_loss(run, expert, batch, cfg):
     sum_{t>=s} gamma^(t-s) cost_t. At gamma=0 with no baseline or normalisation, advantage = -k1:
     tinker-cookbook's (distillation/train_on_policy.py, incorporate_kl_penalty), slime's
     (--use-opd), ms-swift's OPD and verl's policy-gradient OPD. The cost's own gradient is dropped
-    because for k1 it is E_q[grad log q(y_t)] = 0 (a score function has mean zero); for k3 it is
-    not, and dropping it is biased, which tests/test_distill.py's exact-gradient test detects."""
+    because for k1 it is E_q[grad log q(y_t)] = 0 (a score function has mean zero). For k3 it is
+    grad KL(p || q), so with k3 (verl's PG OPD) the expected gradient at gamma=0 is that of
+    sum_t [KL(q || p) - KL(p || q)] at the prefixes: it raises the forward KL (tests/test_recipes.py)."""
     mask = batch["response_mask"]
     logq, logp, D = sampled_scores(run, expert, batch, cfg)
     cost = COSTS[cfg.cost](logq.detach(), logp) * mask
     returns = returns_to_go(cost, mask, cfg.gamma, include_current=True) / return_scale(mask, cfg)
-    return advantages(returns, mask, cfg.baseline, cfg.normalize_adv, total=run.global_sum) * logq, D
+    return advantages(returns, mask, cfg.baseline, cfg.normalize_adv, cfg.adv_std_floor, total=run.global_sum) * logq, D
 
 
 def direct_token_loss(run, expert, batch, cfg):
     """verl's supervised OPD estimator (--estimator direct; verl/trainer/distillation/losses.py,
     its default loss_mode k3): the sampled token's cost itself, differentiated through log q(y_t),
-    with no REINFORCE term. For k3, d cost/d log q = 1 - p/q, so the expected gradient is
-    sum_v (q - p) grad log q(v) = grad of the forward KL(p || q) at the prefix: a per-token forward
-    KL from one sample. (For k1 the expected gradient is 0: verl refuses k1 here, and so does check().)"""
+    with no REINFORCE term (so --gamma 0). For k3, d cost/d log q = 1 - p/q, so the expected
+    gradient is sum_v (q - p) grad log q(v) = grad of the forward KL(p || q) at the prefix, where
+    k3's clamp does not bind: a per-token forward KL from one sample. (For k1 the expected gradient
+    is 0: verl refuses k1 here, and so does config.check.)"""
     mask = batch["response_mask"]
     logq, logp, D = sampled_scores(run, expert, batch, cfg)
     return COSTS[cfg.cost](logq, logp) * mask, D
@@ -170,7 +180,8 @@ def advantages(returns, mask, baseline=True, normalize=True, std_floor=1.0, tota
     """Returns minus a leave-one-out baseline: at each position, the mean return of the *other*
     rows there (it does not depend on the row's own tokens, so the gradient stays unbiased; a
     row alone at its position gets no baseline). normalize: divide by the std over all tokens,
-    never by less than std_floor (nats), so normalising only ever shrinks the REINFORCE term.
+    never by less than std_floor (nats; at 1, the default, normalising only ever shrinks the
+    REINFORCE term, so near-constant returns are never blown up to unit scale).
     total(x): x summed over every rank (run.global_sum; the identity on one process), so that
     both statistics are the global batch's under torchrun."""
     adv = returns * mask
@@ -185,7 +196,7 @@ def advantages(returns, mask, baseline=True, normalize=True, std_floor=1.0, tota
         count, s1 = total(torch.stack([mask.sum().float(), adv[mask].sum()]))
         if count > 1:
             s2 = total(((adv[mask] - s1 / count) ** 2).sum())
-            adv = adv / (s2 / (count - 1)).sqrt().clamp(min=std_floor)
+            adv = adv / (s2 / (count - 1)).sqrt().clamp(min=max(std_floor, 1e-8))  # 0: plain whitening
     return adv
 
 

@@ -301,8 +301,8 @@ def naive_divergence(zs, ze, kind, beta=0.5):
         return _xlogy_diff(q, logq, logp).sum(-1)
     if kind == "forward":
         return _xlogy_diff(p, logp, logq).sum(-1)
-    if kind == "mixed":
-        return 0.5 * (_xlogy_diff(p, logp, logq).sum(-1) + _xlogy_diff(q, logq, logp).sum(-1))
+    if kind != "jsd":  # "mixed" is token_divergence's mean of the two above
+        raise ValueError(f"naive_divergence takes reverse, forward or jsd; got {kind!r}")
     logm = torch.logaddexp(logp + math.log(beta), logq + math.log(1 - beta))
     return beta * _xlogy_diff(p, logp, logm).sum(-1) + (1 - beta) * _xlogy_diff(q, logq, logm).sum(-1)
 
@@ -350,14 +350,17 @@ def topk_divergence(h, W, expert, kind="reverse", k=4, rest="ignore", temperatur
     """Per-row divergence [N] between the student q and the expert p as a served teacher gives p
     (vLLM's logprobs): its k most likely tokens' log-probs alone. q is read at the same k ids.
     rest, the mass outside them:
-      "ignore":      the sums run over the k ids, unnormalised, floored at 0 (verl's
-                     forward_kl_topk, verl/trainer/distillation/losses.py);
-      "bucket":      one more outcome, 1 - sum over the k ids, for each (verl PR #7855; TRL's
+      "ignore":      the sums run over the k ids, unnormalised (verl's forward_kl_topk,
+                     verl/trainer/distillation/losses.py, which floors its forward KL at 0, as
+                     here). The reverse sum has no floor: it is least at q = p/e on the k ids, so
+                     it pays the student to move mass off them (the instability verl met);
+      "bucket":      one more outcome, 1 - sum over the k ids, for each (verl PR #7855, open; TRL's
                      server distillation, _add_tail_bucket): an exact KL of two k+1-way distributions;
       "renormalize": both renormalised over the k ids (NeMo-RL's DistillationLossFn, ms-swift's
-                     gkd_logits_topk).
-    Naive: the logits [N, V] are materialised (a top-k needs the whole row). kind: reverse,
-    forward or mixed; expert: logits [N, V] or (expert_h, expert_W), no grad."""
+                     gkd_logits_topk): the student's mass outside them is free.
+    kind: reverse, forward or mixed (their mean); expert: logits [N, V] or (expert_h, expert_W),
+    no grad. Naive, whatever --fused says: a top-k needs the whole row of logits [N, V], and the
+    vocabularies here are small."""
     if kind not in ("reverse", "forward", "mixed") or rest not in TOP_K_REST:
         raise ValueError(f"a top-k divergence is reverse, forward or mixed, its rest one of {TOP_K_REST}; got "
                          f"{kind!r}, {rest!r}")
@@ -375,5 +378,6 @@ def topk_divergence(h, W, expert, kind="reverse", k=4, rest="ignore", temperatur
         logp, logq = torch.cat([logp, tail(logp)], -1), torch.cat([logq, tail(logq)], -1)
     p, q = logp.exp(), logq.exp()
     fwd, rev = (p * (logp - logq)).sum(-1), (q * (logq - logp)).sum(-1)
-    out = dict(forward=fwd, reverse=rev, mixed=0.5 * (fwd + rev))[kind]
-    return out.clamp_min(0) if rest == "ignore" else out
+    if rest == "ignore":
+        fwd = fwd.clamp_min(0)
+    return dict(forward=fwd, reverse=rev, mixed=0.5 * (fwd + rev))[kind]

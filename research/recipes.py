@@ -52,24 +52,30 @@ RECIPES = [
     Recipe("verl PG OPD, k3", [*K1, "--cost", "k3"],
            "verl-project/verl trainer/distillation/losses.py, use_policy_gradient with loss_mode k3 = low_var_kl "
            "(trainer/ppo/core_algos.py kl_penalty)"),
-    Recipe("verl supervised OPD, k3", [*ONLINE, "--estimator", "direct", "--cost", "k3"],
+    Recipe("verl supervised OPD, k3", [*ONLINE, "--estimator", "direct", "--cost", "k3", "--gamma", "0"],
            "verl-project/verl trainer/distillation/losses.py, its default: loss_mode k3 backpropagated"),
     Recipe(f"verl GKD OPD: top-{TOP_K} forward KL", [*ONLINE, "--gamma", "0", "--divergence", "forward",
                                                     "--top-k", str(TOP_K)],
            "verl-project/verl trainer/distillation/losses.py compute_forward_kl_topk (unnormalised, clamped at 0)"),
-    Recipe(f"verl GKD OPD: top-{TOP_K} + tail bucket", [*ONLINE, "--gamma", "0", "--divergence", "forward",
-                                                       "--top-k", str(TOP_K), "--top-k-rest", "bucket"],
-           "verl-project/verl PR #7855 forward_kl_topk_tail; trl server_distillation_trainer.py _add_tail_bucket"),
+    Recipe(f"top-{TOP_K} forward KL + tail bucket", [*ONLINE, "--gamma", "0", "--divergence", "forward",
+                                                    "--top-k", str(TOP_K), "--top-k-rest", "bucket"],
+           "verl-project/verl PR #7855 (open) forward_kl_topk_tail; huggingface/trl "
+           "trl/experimental/server_distillation/server_distillation_trainer.py _add_tail_bucket"),
     Recipe(f"NeMo-RL: top-{TOP_K} mixed KL, renormalised", [*ONLINE, "--gamma", "0", "--divergence", "mixed",
                                                            "--top-k", str(TOP_K), "--top-k-rest", "renormalize"],
            "NVIDIA-NeMo/RL nemo_rl/algorithms/loss/loss_functions.py DistillationLossFn (kl_type mixed, weight 0.5; "
            "examples/configs/distillation_math.yaml)"),
-    Recipe("MiniLLM: γ=0.95, return / tokens left", [*ONLINE, "--gamma", "0.95", "--return-norm", "count"],
-           "microsoft/LMOps minillm/minillm/losses.py (_get_advantages_and_returns; single-step reg: the D_t term)"),
+    Recipe("MiniLLM: γ=0.95, return / tokens left", [*ONLINE, "--gamma", "0.95", "--return-norm", "count",
+                                                    "--adv-std-floor", "0"],
+           "microsoft/LMOps minillm/minillm/losses.py (_get_advantages_and_returns: return / tokens left, whitened; "
+           "_reg_loss, the single-step term: D_t here)"),
     Recipe(f"top-{TOP_K} reverse KL, γ=1", [*ONLINE, "--top-k", str(TOP_K)],
-           "a vLLM-served teacher's top-k log-probs under the γ=1 loss (verl PR #5041 dropped top-k reverse KL)"),
+           "this project's γ=1 loss with a vLLM-served teacher's top-k log-probs, the rest ignored (verl PR #5041 "
+           "dropped a top-k reverse KL as unstable)"),
     Recipe(f"top-{TOP_K} reverse KL + tail bucket, γ=1", [*ONLINE, "--top-k", str(TOP_K), "--top-k-rest", "bucket"],
-           "the same with the tail bucket of verl PR #7855"),
+           "the same with the tail bucket of verl PR #7855 (open)"),
+    Recipe(f"top-{TOP_K} reverse KL renormalised, γ=1", [*ONLINE, "--top-k", str(TOP_K), "--top-k-rest", "renormalize"],
+           "the same renormalised over the k ids, as NeMo-RL does"),
 ]
 
 # (label, run folder, task flags, student size, the claim, its check on one seed: reward, SFT's, expert's)
