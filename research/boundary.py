@@ -9,8 +9,8 @@ For each student class (layers x width x heads) and seed:
 The prediction: where the ceiling is the expert's, SFT matches the expert (realizable); where
 the ceiling is below it but one mode is in reach, online IL wins and SFT does not.
 To tell a class's limit from a plateau of training, a class whose seed-0 ceiling misses the
-expert is trained again for LONG_STEPS (4x the budget): a plateau rises with more steps, a
-class limit does not.
+expert is trained again for LONG_FACTOR (4) times the steps: a plateau rises with more steps,
+a class limit does not.
 
     python -m research.boundary --seeds 3            # out/boundary/report.md and data.json
     python -m research.boundary --print-commands     # the train.py commands, dependencies first
@@ -25,13 +25,14 @@ import sys
 if __package__ in (None, ""):  # run as python research/boundary.py: the imports live in the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from config import parse_args
 from errors import OneLineParser, UsageError
 from research import figures
 from research.jobs import BASE, EXPERT, ONLINE, SFT, add_job_flags, glue_train_args, grid_jobs, read_results, run_jobs
 from research.report import Report, mean_std
 
 LAYERS, WIDTHS, HEADS = (1, 2), (16, 64), (1, 2, 4)
-LONG_STEPS = 6000
+LONG_FACTOR = 4  # the long ceiling: this many times the ceiling's steps
 CEILING_BAR = 0.05  # a class whose ceiling is within this of its expert's reward counts as realizable
 
 
@@ -67,8 +68,10 @@ def main(argv=None):
     # a class whose ceiling missed the expert on seed 0: was it the class, or a plateau of training?
     long_jobs = []
     reward = lambda d, c: read_results(jobs + long_jobs, [d])[("expert", c)][0]
+    long_steps = LONG_FACTOR * parse_args(seed_args(0)).expert_steps
     long = {c: (os.path.join(a.out_dir, "ceiling-long", c, "seed0"),
-                [*seed_args(0), "--expert-steps", str(LONG_STEPS), "--eval-every", "250"]) for c in classes}
+                [*seed_args(0), "--expert-steps", str(long_steps), "--eval-every", str(max(1, long_steps // 24))])
+            for c in classes}
     expert0 = reward(students[0][0], "medium")["reward"]
     missed = [c for c in classes if reward(ceiling[(c, 0)][0], c)["reward"] < expert0 - CEILING_BAR]
     for c in missed:
@@ -94,15 +97,15 @@ def main(argv=None):
                          online_greedy=[r["reward_greedy"] for r in res[("online (γ=1)", c)]]))
         rows.append(f"{c:<8} | {n_params:>7,} | {mean_std(ceil):^13} | {'-' if long_r is None else f'{long_r:.3f}':^13} | {sum(realizable)}/{a.seeds:<9} | "
                     f"{mean_std(sft):^13} | {mean_std(onl):^13} | {sum(holds)}/{a.seeds}")
-    head = (f"{'class':<8} | {'params':>7} | {'ceiling':^13} | {f'ceiling {LONG_STEPS}':^13} | {'realizable':<11} | "
+    head = (f"{'class':<8} | {'params':>7} | {'ceiling':^13} | {f'ceiling {long_steps}':^13} | {'realizable':<11} | "
             f"{'offline SFT':^13} | {'online (γ=1)':^13} | prediction holds")
     expert = [r["reward"] for r in res[("expert", "medium")]]
     report.add(f"held-out reward at temperature 1, mean ± std over {a.seeds} seed(s); expert (medium, 2x64x4 at lr 1e-3) "
                f"{mean_std(expert)} ({wall / 60:.1f} min wall, {a.jobs} jobs)",
                [head, "-" * len(head), *rows])
     report.add("how to read it",
-               [f"class: layers x width x heads; ceiling: the class trained on ground truth for 1500 steps (per seed), "
-                f"and for {LONG_STEPS} steps (seed 0, where the 1500-step ceiling missed);",
+               [f"class: layers x width x heads; ceiling: the class trained on ground truth as the expert is, for "
+                f"{long_steps // LONG_FACTOR} steps (per seed), and for {long_steps} (seed 0, where the first missed);",
                 f"realizable: seeds whose ceiling is within {CEILING_BAR} of that seed's expert;",
                 "prediction: on a realizable seed, offline SFT within 0.05 of the expert; otherwise online (γ=1) >= "
                 "offline SFT + 0.3."])

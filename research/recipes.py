@@ -25,8 +25,8 @@ import torch
 
 from data import eval_prompts, seed_for
 from errors import OneLineParser, UsageError
-from eval import checkpoint_task
-from model import load_checkpoint
+from eval import checkpoint_task, sample_texts
+from model import load_checkpoint, response_hidden
 from research.experiments import horizon_recipe
 from research.jobs import BASE, EXPERT, add_job_flags, glue_train_args, grid_jobs, read_results, run_jobs
 from research.modes import first_token_plus
@@ -78,6 +78,9 @@ RECIPES = [
            "the same renormalised over the k ids, as NeMo-RL does"),
 ]
 
+# the recipes whose students' mass on the expert's top k is measured (where_the_mass_goes)
+MASS = [r.name for r in RECIPES if "--top-k" in r.flags or r.flags == ONLINE]
+
 # (label, run folder, task flags, student size, the claim, its check on one seed: reward, SFT's, expert's)
 REALIZABLE = ("within 0.05 of the expert", lambda r, sft, e: r >= e - 0.05)
 WINS = ("online >= SFT + 0.3", lambda r, sft, e: r >= sft + 0.3)
@@ -127,9 +130,10 @@ def main(argv=None):
             rows = res[(label_of[r.name], st.size)]
             sft, expert = res[("offline SFT", st.size)], res[("expert", st.size)]
             cells[(r.name, st.label)] = [dict(
-                reward=x["reward"], greedy=x["reward_greedy"], expert=e["reward"],
+                reward=x["reward"], greedy=x["reward_greedy"], expert=e["reward"], coverage=x["coverage"],
                 holds=bool(st.claim[1](x["reward"], f["reward"], e["reward"])),
-                plus=plus_weight(runs[(st.folder, s)][0], x["name"]) if "pointer" in st.flags else None)
+                plus=plus_weight(runs[(st.folder, s)][0], x["name"]) if "pointer" in st.flags else None,
+                **(where_the_mass_goes(runs[(st.folder, s)][0], st.flags[1], x["name"]) if r.name in MASS else {}))
                 for s, (x, f, e) in enumerate(zip(rows, sft, expert))]
     names = [r.name for r in RECIPES]
     labels = [st.label for st in SETTINGS]
@@ -150,6 +154,13 @@ def main(argv=None):
     pointer = [st.label for st in SETTINGS if "pointer" in st.flags]
     report.add("P(+): the first token's weight on the representable mode (pointer settings), exact, mean ± std",
                table("recipe", names, pointer, cell("plus")))
+    report.add("coverage: distinct valid answers per prompt in 8 samples (1: one mode; the expert's: 2), mean ± std",
+               table("recipe", names, labels, cell("coverage")))
+    report.add(f"where the mass goes: at the student's own states (its samples on the held-out prompts), its mass on "
+               f"the expert's top {TOP_K} tokens there, mean ± std", table("recipe", MASS, labels, cell("q_topk")))
+    report.add("and the length of its responses in tokens (end token included; the expert's: "
+               + ", ".join(f"{mean_std([x['expert_length'] for x in cells[(MASS[0], c)]])} on {c}" for c in labels) + ")",
+               table("recipe", MASS, labels, cell("length")))
     report.add("experts (held-out reward)", [f"{st.label}: {mean_std([x['expert'] for x in cells[(names[0], st.label)]])}"
                                              for st in SETTINGS])
     report.add("recipes: flags and sources", [f"{r.name}: {' '.join(r.flags)} | {r.source}" for r in RECIPES])
@@ -157,6 +168,23 @@ def main(argv=None):
                  "settings": {st.label: dict(flags=st.flags, size=st.size, claim=st.claim[0]) for st in SETTINGS},
                  "cells": [dict(recipe=r, setting=s, seeds=v) for (r, s), v in cells.items()]})
     report.write(a.out_dir)
+
+
+@torch.no_grad()
+def where_the_mass_goes(run_dir, task_name, name, k=TOP_K):
+    """At the student's own states (its samples on its seed's held-out prompts, temperature 1):
+    its mass on the expert's k most likely tokens there, the expert's, and the mean response
+    length in tokens (end token included), the student's and the expert's own."""
+    student, ck = load_checkpoint(os.path.join(run_dir, task_name, f"{name}.pt"))
+    expert, _ = load_checkpoint(os.path.join(run_dir, task_name, "expert.pt"))
+    task, tok = checkpoint_task(run_dir, ck)
+    prompts = eval_prompts(task, ck["config"]["eval_prompts"], seed=seed_for(ck["config"]["seed"], "held-out"))
+    (prompt, pvalid, resp, rmask), _ = sample_texts(student, tok, task, prompts, 1.0, seed=0)
+    q, p = (torch.softmax(response_hidden(m, prompt, pvalid, resp, rmask) @ m.unembedding.T, -1) for m in (student, expert))
+    ids = p.topk(k, -1).indices
+    mass = lambda d: (d.gather(-1, ids).sum(-1)[rmask]).mean().item()
+    expert_len = sample_texts(expert, tok, task, prompts, 1.0, seed=0)[0][3].sum(1).float().mean().item()
+    return dict(q_topk=mass(q), p_topk=mass(p), length=rmask.sum(1).float().mean().item(), expert_length=expert_len)
 
 
 @torch.no_grad()

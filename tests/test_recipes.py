@@ -1,6 +1,8 @@
 """Today's OPD recipes (research/recipes.py): each new piece against an independent reference
 (float64, full vocabulary, enumeration), and each recipe's flags a valid, distinct run."""
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -254,3 +256,38 @@ def test_recipes_that_are_the_same_flags_share_one_run(monkeypatch):
     monkeypatch.setattr(recipes, "RECIPES", [*recipes.RECIPES, same])
     unique, label_of = recipes.methods()
     assert len(unique) == len(recipes.RECIPES) - 1 and label_of[same.name] == "advantage -k1 per token"
+
+
+TINY = "--expert-steps 4 --base-steps 2 --steps 2 --batch-size 8 --eval-prompts 16 --eval-every 1 --log-every 1"
+
+
+def test_recipes_run_end_to_end_with_their_table(tmp_path, monkeypatch):
+    """research/recipes.py, tiny, in one setting with a P(+) (pointer) and two recipes, one with a
+    top-k expert: every run, the claim's count, P(+) (a probability), the student's mass on the
+    expert's top k (a probability), the report and its data."""
+    monkeypatch.setattr(recipes, "RECIPES", [recipes.RECIPES[0], recipes.RECIPES[-1]])
+    monkeypatch.setattr(recipes, "MASS", [recipes.RECIPES[-1].name])
+    monkeypatch.setattr(recipes, "SETTINGS", [recipes.SETTINGS[3]])  # the mode weight p = 0.2, H = 1
+    recipes.main(["--seeds", "1", "--out-dir", str(tmp_path), "--train-args", TINY])
+    text = (tmp_path / "report.md").read_text()
+    top = recipes.RECIPES[-1].name
+    row = next(l for l in text.splitlines() if l.startswith(top) and "/1" in l)
+    assert re.search(r"\d\.\d{3} ± 0\.000 [01]/1", row), row
+    with open(tmp_path / "data.json") as f:
+        cells = {c["recipe"]: c["seeds"][0] for c in json.load(f)["cells"]}
+    assert 0 <= cells[top]["plus"] <= 1 and 0 <= cells[top]["q_topk"] <= 1 and cells[top]["length"] >= 1
+    assert "q_topk" not in cells["offline SFT"]
+
+
+def test_boundary_runs_end_to_end_and_trains_a_long_ceiling_where_one_missed(tmp_path, monkeypatch):
+    """research/boundary.py, tiny: one class, one seed, whose ceiling counts as a miss (a bar
+    below any reward), so the class is trained again for 4 x 4 steps; the report, data, figure."""
+    from research import boundary
+    monkeypatch.setattr(boundary, "CEILING_BAR", -1.0)
+    boundary.main(["--seeds", "1", "--classes", "1x8x2", "--out-dir", str(tmp_path), "--train-args", TINY])
+    with open(tmp_path / "data.json") as f:
+        c, = json.load(f)["classes"]
+    assert c["size"] == "1x8x2" and len(c["ceiling"]) == len(c["sft"]) == len(c["online"]) == 1
+    with open(tmp_path / "ceiling-long" / "1x8x2" / "seed0" / "mirror" / "expert.result.json") as f:
+        assert json.load(f)["config"]["expert_steps"] == 16
+    assert "ceiling 16" in (tmp_path / "report.md").read_text() and (tmp_path / "boundary.svg").exists()
