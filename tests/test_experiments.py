@@ -34,6 +34,9 @@ def test_toy_forward_projection_is_uniform_reverse_picks_one_mode():
     assert rev["rev_kl"] < -math.log((1 - eps) / 2)
 
 
+COMPANIONS = dict(beta=["--divergence", "jsd"], cost=["--estimator", "sampled"], top_k_rest=["--top-k", "4"])
+
+
 def test_every_method_trains_a_run_of_its_own():
     """Each method of the grid and the ablation has its own run name (config.run_name), so no run
     overwrites another's checkpoint; and every flag of online IL's own, set away from its
@@ -46,10 +49,10 @@ def test_every_method_trains_a_run_of_its_own():
     for f in fields(Config):
         if f.metadata.get("changes") == "onpolicy":
             other = (not f.default if isinstance(f.default, bool) else [c for c in f.metadata["choices"] if c != f.default][0]
-                     if f.metadata["choices"] else f.default / 2 if f.default else 0.25)
+                     if f.metadata["choices"] else f.default / 2 if f.default else 4 if f.type in (int, "int") else 0.25)
             flag = "--" + ("no-" if f.default is True else "") + f.name.replace("_", "-")
             argv = [flag] if isinstance(f.default, bool) else [flag, str(other)]
-            argv += ["--divergence", "jsd"] if f.name == "beta" else []
+            argv += COMPANIONS.get(f.name, [])  # a flag that applies only beside another
             assert run_name(parse_args(argv)) != default, f.name
 
 

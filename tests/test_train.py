@@ -265,8 +265,8 @@ def test_killed_run_resumes_from_its_held_back_checkpoint_exactly(tiny_runs, tmp
     (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
     (["--mix", "0.999"], "gives 128 expert rows of 128 per rank"),  # no on-policy rows left
     (["--mix", "0.001"], "gives 0 expert rows of 128 per rank"),
-    (["--estimator", "sampled", "--divergence", "forward"], "it takes no --divergence or --mix"),
-    (["--estimator", "sampled", "--mix", "0.5"], "it takes no --divergence or --mix"),
+    (["--estimator", "sampled", "--divergence", "forward"], "it takes no --divergence, --mix or --top-k"),
+    (["--estimator", "sampled", "--mix", "0.5"], "it takes no --divergence, --mix or --top-k"),
     (["--beta", "0.3"], "--beta applies to --divergence jsd only"),
     (["--digits", "2", "--eval-prompts", "100"], "at most 100 distinct prompts"),  # else: no training prompt
     (["--digits", "2", "--eval-prompts", "10000000"], "at most 100 distinct prompts"),  # at once, not after drawing
