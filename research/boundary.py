@@ -109,6 +109,9 @@ def main(argv=None):
                 f"realizable: seeds whose ceiling is within {CEILING_BAR} of that seed's expert;",
                 "prediction: on a realizable seed, offline SFT within 0.05 of the expert; otherwise online (γ=1) >= "
                 "offline SFT + 0.3."])
+    report.add(f"per seed (0..{a.seeds - 1}): ceiling | offline SFT | online (γ=1)",
+               [f"{d['size']:<8} " + " | ".join(" ".join(f"{x:.3f}" for x in d[k]) for k in ("ceiling", "sft", "online"))
+                for d in data])
     report.add("greedy decoding, mean ± std over seeds",
                [f"{d['size']:<8} offline SFT {mean_std(d['sft_greedy'])}   online (γ=1) {mean_std(d['online_greedy'])}"
                 for d in data])
