@@ -130,7 +130,8 @@ def test_boundary_from_its_fixture_orders_the_classes_by_ceiling(tmp_path):
 
 def has_figure(path):
     with open(path) as f:
-        return any(k in json.load(f) for k in figures.FIGURES)
+        data = json.load(f)
+    return any(k in data for k in figures.FIGURES)
 
 
 # every committed data.json that holds a figure's data (research/recipes.py's holds a table's)
