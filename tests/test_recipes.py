@@ -290,4 +290,4 @@ def test_boundary_runs_end_to_end_and_trains_a_long_ceiling_where_one_missed(tmp
     assert c["size"] == "1x8x2" and len(c["ceiling"]) == len(c["sft"]) == len(c["online"]) == 1
     with open(tmp_path / "ceiling-long" / "1x8x2" / "seed0" / "mirror" / "expert.result.json") as f:
         assert json.load(f)["config"]["expert_steps"] == 16
-    assert "ceiling 16" in (tmp_path / "report.md").read_text() and (tmp_path / "boundary.svg").exists()
+    assert "16, seed 0" in (tmp_path / "report.md").read_text() and (tmp_path / "boundary.svg").exists()
