@@ -9,10 +9,11 @@ offline SFT and every recipe from the same base.
     python -m research.recipes --seeds 3           # out/recipes/report.md and data.json
     python -m research.recipes --print-commands    # the train.py commands, dependencies first
 
-What it simplifies, against the sources (RESULTS.md, "Today's OPD recipes", has the mapping):
-one optimizer step per batch, so a PPO ratio is 1 and its clip never acts; every loss is a
-mean over tokens; the top-k recipes take k = TOP_K of a vocabulary of 22 tokens (k/V = 0.18), against
-k = 32 to 64 of ~150,000 in the sources.
+What it simplifies against the sources (RESULTS.md, "Today's OPD recipes", has the mapping and
+the full list): one optimizer step per batch, so a PPO ratio is 1 and its clip never acts;
+every loss is a mean over tokens; sampling and scoring at temperature 1; MiniLLM's future
+costs are online_loss's D_t, with no teacher-mixed sampling; the top-k recipes take k = TOP_K
+of a vocabulary of 22 tokens (k/V = 0.18), against k = 32 to 64 of ~150,000 in the sources.
 """
 import os
 import sys
