@@ -173,6 +173,11 @@ def checkpoint_task(path, ck):
     return task, tok
 
 
+def held_out_prompts(task, ck):
+    """The held-out prompts of the run that wrote checkpoint `ck`: its seed's, never trained on."""
+    return eval_prompts(task, ck["config"]["eval_prompts"], seed=seed_for(ck["seed"], "held-out"))
+
+
 def main(argv=None):
     p = OneLineParser(description="Evaluate a checkpoint against its expert: every metric, and a few marked samples.")
     p.add_argument("checkpoint", help="a checkpoint written by train.py")
@@ -191,7 +196,7 @@ def main(argv=None):
         raise UsageError(f"{expert_path} (fingerprint {fingerprint(expert)}) is not the expert {a.checkpoint} "
                          f"was trained against ({ck.get('expert') or 'none recorded'}); name that one with --expert")
     task, tok = checkpoint_task(a.checkpoint, ck)
-    prompts = eval_prompts(task, ck["config"]["eval_prompts"], seed=seed_for(ck["seed"], "held-out"))
+    prompts = held_out_prompts(task, ck)
     print(describe(a.checkpoint, evaluate(model, expert, tok, task, prompts, seed=ck["seed"]), len(prompts)))
     if a.draws:
         own = training_prompts(task, prompts, ck["name"], ck["seed"], len(prompts))

@@ -30,9 +30,9 @@ if __package__ in (None, ""):  # run as python research/modes.py: the imports li
 
 import torch
 
-from data import encode_prompts, eval_prompts, seed_for
+from data import encode_prompts
 from errors import OneLineParser, UsageError
-from eval import checkpoint_task, sparkline
+from eval import checkpoint_task, held_out_prompts, sparkline
 from model import load_checkpoint
 from research.jobs import GRID, add_job_flags, glue_train_args, grid_jobs, long_horizon_lr, read_results, run_jobs
 from research import figures
@@ -135,7 +135,7 @@ def main(argv=None):
         res = read_results(jobs, [d])
         expert, ck = load_checkpoint(os.path.join(d, "pointer", "expert.pt"))
         task, tok = checkpoint_task(d, ck)
-        prompts = eval_prompts(task, ck["config"]["eval_prompts"], seed=seed_for(s, "held-out"))
+        prompts = held_out_prompts(task, ck)
         c, c_uniform, c_guess = minus_price(expert, tok, task, prompts)
         m = dict(c=c, c_uniform=c_uniform, c_guess=c_guess, q_expert=first_token_plus(expert, tok, prompts),
                  expert=res[("expert", "small")][0]["reward"])

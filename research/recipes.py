@@ -24,9 +24,8 @@ if __package__ in (None, ""):  # run as python research/recipes.py: the imports 
 
 import torch
 
-from data import eval_prompts, seed_for
 from errors import OneLineParser, UsageError
-from eval import checkpoint_task, sample_texts
+from eval import checkpoint_task, held_out_prompts, sample_texts
 from model import load_checkpoint, response_hidden
 from research.experiments import horizon_recipe
 from research.jobs import BASE, EXPERT, add_job_flags, glue_train_args, grid_jobs, read_results, run_jobs
@@ -171,30 +170,32 @@ def main(argv=None):
     report.write(a.out_dir)
 
 
+def held_out_student(run_dir, task_name, name):
+    """A student of the run in run_dir, its task and tokenizer, and its seed's held-out prompts."""
+    model, ck = load_checkpoint(os.path.join(run_dir, task_name, f"{name}.pt"))
+    task, tok = checkpoint_task(run_dir, ck)
+    return model, task, tok, held_out_prompts(task, ck)
+
+
 @torch.no_grad()
 def where_the_mass_goes(run_dir, task_name, name, k=TOP_K):
     """At the student's own states (its samples on its seed's held-out prompts, temperature 1):
-    its mass on the expert's k most likely tokens there, the expert's, and the mean response
-    length in tokens (end token included), the student's and the expert's own."""
-    student, ck = load_checkpoint(os.path.join(run_dir, task_name, f"{name}.pt"))
+    its mass on the expert's k most likely tokens there, and the mean response length in tokens
+    (end token included), the student's and the expert's own."""
+    student, task, tok, prompts = held_out_student(run_dir, task_name, name)
     expert, _ = load_checkpoint(os.path.join(run_dir, task_name, "expert.pt"))
-    task, tok = checkpoint_task(run_dir, ck)
-    prompts = eval_prompts(task, ck["config"]["eval_prompts"], seed=seed_for(ck["config"]["seed"], "held-out"))
     (prompt, pvalid, resp, rmask), _ = sample_texts(student, tok, task, prompts, 1.0, seed=0)
     q, p = (torch.softmax(response_hidden(m, prompt, pvalid, resp, rmask) @ m.unembedding.T, -1) for m in (student, expert))
-    ids = p.topk(k, -1).indices
-    mass = lambda d: (d.gather(-1, ids).sum(-1)[rmask]).mean().item()
+    mass = q.gather(-1, p.topk(k, -1).indices).sum(-1)[rmask].mean().item()
     expert_len = sample_texts(expert, tok, task, prompts, 1.0, seed=0)[0][3].sum(1).float().mean().item()
-    return dict(q_topk=mass(q), p_topk=mass(p), length=rmask.sum(1).float().mean().item(), expert_length=expert_len)
+    return dict(q_topk=mass, length=rmask.sum(1).float().mean().item(), expert_length=expert_len)
 
 
 @torch.no_grad()
 def plus_weight(run_dir, name):
     """P("+") of a student's first token on its seed's held-out prompts (research.modes)."""
-    model, ck = load_checkpoint(os.path.join(run_dir, "pointer", f"{name}.pt"))
-    task, tok = checkpoint_task(run_dir, ck)
-    seed = ck["config"]["seed"]
-    return first_token_plus(model, tok, eval_prompts(task, ck["config"]["eval_prompts"], seed=seed_for(seed, "held-out")))
+    model, _, tok, prompts = held_out_student(run_dir, "pointer", name)
+    return first_token_plus(model, tok, prompts)
 
 
 if __name__ == "__main__":
